@@ -1,0 +1,228 @@
+"""YAML configs through omegaconf, ``key=value`` overrides, validated against typed schemas.
+
+A config file is merged onto the dataclass schema below, so a misspelt key or a value of the wrong
+type fails at load time with the full key path named (``model.contxt``), not deep inside a run.
+Configs may ``defaults: [other.yaml, ...]`` to inherit from files relative to themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded: names the file and the key path."""
+
+
+@dataclass
+class ModelConfig:
+    # Registry name of the variant: instructblip | sam | sam_bsg_mean | sam_linear.
+    name: str = "sam"
+    # Hugging Face id or local directory of an InstructBLIP checkpoint; ignored when ``dims`` is set.
+    backbone: str = "Salesforce/instructblip-vicuna-7b"
+    # Build the backbone from dimensions instead (random weights): a preset name (tiny | base | 7b)
+    # or a mapping of BackboneDims fields.
+    dims: Any = None
+    # Directory with tokenizers for a dims-built backbone; null = the synthetic-world word tokenizers.
+    tokenizer: str | None = None
+    # Context images of the adaptive patch weighting: all (released checkpoint) | others (paper text).
+    context: str = "all"
+    # 0-based Q-Former layers of the guidance: W_in before W-layer ``guide_in_layer`` (l),
+    # W_out before Q-layer ``guide_out_layer`` (k); -1 = last layer (paper's l = k = 12).
+    guide_in_layer: int = -1
+    guide_out_layer: int = -1
+    # Parameter groups that train; the rest is frozen and kept in eval mode. null = the variant's
+    # default (SAM: patch_weight, w_in, w_out, language_projection; instructblip: language_projection).
+    trainable: list[str] | None = None
+    # A released LAVIS-format SAM / InstructBLIP checkpoint to convert and load on top of the backbone.
+    lavis_checkpoint: str | None = None
+    # Our own trained parameters (safetensors written by save_trainable / training).
+    checkpoint: str | None = None
+    dtype: str = "float32"  # float32 | bfloat16 (weights of the frozen backbone)
+    attn_implementation: str = "sdpa"  # sdpa | eager
+    gradient_checkpointing: bool = False
+    max_images: int = 8
+    # Max LLM tokens of prompt + answer (the visual tokens come on top).
+    max_text_tokens: int = 256
+    max_qformer_tokens: int = 128
+
+
+@dataclass
+class GenerationConfig:
+    # Released code's settings (DESIGN.md §1); paper-comparable evaluation uses them.
+    num_beams: int = 5
+    max_length: int = 256
+    min_length: int = 1
+    repetition_penalty: float = 1.5
+    length_penalty: float = 1.0
+    do_sample: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    name: str = ""
+    # Registry task name: group_captioning | storytelling | change_captioning
+    task: str = ""
+    # Folder holding annotations.json (relative paths are resolved against the config's data_root).
+    path: str = ""
+    annotations: str = "annotations.json"
+    # Sampling weight when several training datasets are mixed.
+    weight: float = 1.0
+    max_samples: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    batch_size: int = 4
+    num_workers: int = 0
+    # Use only the first reference per sample (the paper's protocol) instead of all references.
+    single_reference: bool = False
+    protocol: str = "paper"
+    metrics: list[str] = field(default_factory=lambda: ["rouge_l", "cider", "bleu4"])
+    skip_bad: bool = False
+    check_images: bool = True
+    html_report: bool = True
+    max_samples: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    datasets: list[DatasetConfig] = field(default_factory=list)
+    val_datasets: list[DatasetConfig] = field(default_factory=list)
+    lr: float = 2e-5
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.05
+    warmup_steps: int = 240
+    max_steps: int = 1000
+    global_batch_size: int = 20
+    micro_batch_size: int = 4
+    grad_clip: float = 1.0
+    save_every: int = 500
+    eval_every: int = 0
+    log_every: int = 10
+    num_workers: int = 0
+    augment: str = "random_resized_crop"  # none | random_resized_crop
+    crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    hflip: bool = False
+    feature_cache: str | None = None
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | no | bf16
+    tensorboard: bool = False
+    resume: str | None = None  # null | latest | path to a checkpoint folder
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Root that relative dataset paths are resolved against.
+    data_root: str = "data"
+    output_dir: str = "runs/default"
+    seed: int = 0
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'defaults' chain: {' -> '.join(map(str, seen + (path,)))}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as exc:  # yaml's errors carry line/column; keep them
+        raise ConfigError(f"{path}: cannot parse YAML: {exc}") from exc
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    parents = node.pop("defaults", None) or []
+    merged = OmegaConf.create()
+    for parent in parents:
+        merged = OmegaConf.merge(merged, _read_yaml((path.parent / str(parent)).resolve(), seen + (path,)))
+    return OmegaConf.merge(merged, node)
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path, or a name under ``configs/`` with or without ``.yaml``."""
+    path = Path(name)
+    if path.is_file():
+        return path.resolve()
+    for candidate in (CONFIG_ROOT / path, CONFIG_ROOT / path.with_suffix(".yaml")):
+        if candidate.is_file():
+            return candidate.resolve()
+    raise ConfigError(f"config {str(name)!r} not found (looked at {path} and under {CONFIG_ROOT})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Schema defaults <- YAML file (with its ``defaults`` chain) <- ``key=value`` overrides."""
+    schema = OmegaConf.structured(Config)
+    source = "defaults"
+    try:
+        if path is not None:
+            resolved = resolve_config_path(path)
+            source = str(resolved)
+            schema = OmegaConf.merge(schema, _read_yaml(resolved))
+        if overrides:
+            source = f"command-line overrides {overrides}"
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+            schema = OmegaConf.merge(schema, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{source}: {_explain(exc)}") from None
+    cfg = OmegaConf.to_object(schema)
+    _validate(cfg, source)
+    return cfg
+
+
+def _explain(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    return f"key '{key}': {msg}" if key else msg
+
+
+_CHOICES = {
+    "model.context": ("all", "others"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.attn_implementation": ("sdpa", "eager"),
+    "train.augment": ("none", "random_resized_crop"),
+    "train.mixed_precision": ("auto", "no", "bf16"),
+    "eval.protocol": ("paper", "clean"),
+}
+
+
+def _validate(cfg: Config, source: str) -> None:
+    for dotted, allowed in _CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(f"{source}: key '{dotted}': {value!r} is not one of {', '.join(allowed)}")
+    if cfg.train.global_batch_size % cfg.train.micro_batch_size:
+        raise ConfigError(
+            f"{source}: train.global_batch_size ({cfg.train.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size ({cfg.train.micro_batch_size})"
+        )
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def parse_cli(argv: list[str] | None = None, description: str = "") -> Config:
+    """``--config FILE key=value ...`` as used by every entry point."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="YAML file or a name under configs/")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.context=others")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        parser.exit(2, f"error: {exc}\n")

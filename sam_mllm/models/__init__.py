@@ -1,0 +1,99 @@
+"""Model variants by registry name, and ``build_model`` from a :class:`ModelConfig`.
+
+| name           | paper row (Table 3)      | guidance  | context weights |
+|----------------|--------------------------|-----------|-----------------|
+| instructblip   | baseline / +DATA         | none      | -               |
+| sam_bsg_mean   | +BSG                     | W-former  | plain mean      |
+| sam_linear     | +LIN                     | one Linear| adaptive        |
+| sam            | SAM                      | W-former  | adaptive        |
+
++DATA is ``instructblip`` with ``model.trainable=[language_projection]`` (its default).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+import torch
+
+from sam_mllm.config import ModelConfig
+from sam_mllm.models.backbone import (
+    BackboneNotFoundError,
+    build_from_dims,
+    load_pretrained,
+    load_tokenizers,
+    resolve_dims,
+)
+from sam_mllm.models.checkpoint import load_lavis_checkpoint, load_trainable, save_trainable
+from sam_mllm.models.sam import Perception, SAMModel, SAMOutput
+from sam_mllm.registry import register
+
+VARIANTS: dict[str, dict[str, str]] = {
+    "instructblip": dict(guidance="none"),
+    "sam": dict(guidance="w_former", patch_weighting="adaptive"),
+    "sam_bsg_mean": dict(guidance="w_former", patch_weighting="mean"),
+    "sam_linear": dict(guidance="linear", patch_weighting="adaptive"),
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def build_backbone(cfg: ModelConfig, device: torch.device | str | None = None):
+    """(backbone, Q-Former tokenizer, LLM tokenizer) as ``cfg`` asks: dims or pretrained weights."""
+    dtype = _DTYPES[cfg.dtype]
+    if cfg.dims is None:
+        model, qf_tok, llm_tok = load_pretrained(cfg.backbone, dtype, cfg.attn_implementation)
+        return model, qf_tok, llm_tok
+    dims = resolve_dims(cfg.dims)
+    if cfg.tokenizer:
+        llm_tok, qf_tok = load_tokenizers(cfg.tokenizer)
+    else:
+        from sam_mllm.models.tokenizers import build_word_tokenizers, default_words
+
+        llm_tok, qf_tok = build_word_tokenizers(default_words())
+    if device is not None and torch.device(device).type == "meta":
+        llm_tok = qf_tok = None  # sizing only; no text goes through a meta model
+    else:
+        for name, tok, size in (("llm_vocab", llm_tok, dims.llm_vocab), ("qformer_vocab", qf_tok, dims.qformer_vocab)):
+            if len(tok) > size:
+                raise ValueError(f"model.dims.{name}={size} is smaller than its tokenizer ({len(tok)} tokens)")
+    with torch.device(device or "cpu"):
+        model = build_from_dims(dims, cfg.attn_implementation)
+    return model.to(dtype), qf_tok, llm_tok
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> SAMModel:
+    """The model a config describes, with its checkpoints loaded and its frozen parts frozen."""
+    from sam_mllm.registry import get
+
+    return get("model", cfg.name)(cfg, device=device)
+
+
+def _build_variant(variant: str, cfg: ModelConfig, device: torch.device | str | None = None) -> SAMModel:
+    backbone, qf_tok, llm_tok = build_backbone(cfg, device)
+    options = VARIANTS[variant]
+    with torch.device(device or backbone.language_projection.weight.device):
+        model = SAMModel(
+            backbone, qf_tok, llm_tok, **options, context=cfg.context,
+            guide_in_layer=cfg.guide_in_layer, guide_out_layer=cfg.guide_out_layer,
+            trainable=cfg.trainable, max_images=cfg.max_images,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+        )
+    # Trainable layers stay float32 under a bf16 backbone: the optimizer works on them.
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    if cfg.lavis_checkpoint:
+        load_lavis_checkpoint(model, cfg.lavis_checkpoint)
+    if cfg.checkpoint:
+        load_trainable(model, cfg.checkpoint)
+    return model.eval()
+
+
+for _name in VARIANTS:
+    register("model", _name)(partial(_build_variant, _name))
+
+
+__all__ = [
+    "BackboneNotFoundError", "Perception", "SAMModel", "SAMOutput", "VARIANTS", "build_backbone",
+    "build_model", "load_lavis_checkpoint", "load_trainable", "save_trainable",
+]
