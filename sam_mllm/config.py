@@ -49,8 +49,9 @@ class ModelConfig:
     attn_implementation: str = "sdpa"  # sdpa | eager
     gradient_checkpointing: bool = False
     max_images: int = 8
-    # Max LLM tokens of prompt + answer (the visual tokens come on top).
-    max_text_tokens: int = 256
+    # Token budgets of LAVIS's InstructBLIP (prompt truncated from the left, answer from the right).
+    max_prompt_tokens: int = 128
+    max_answer_tokens: int = 256
     max_qformer_tokens: int = 128
 
 

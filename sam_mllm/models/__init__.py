@@ -44,15 +44,14 @@ def build_backbone(cfg: ModelConfig, device: torch.device | str | None = None):
         model, qf_tok, llm_tok = load_pretrained(cfg.backbone, dtype, cfg.attn_implementation)
         return model, qf_tok, llm_tok
     dims = resolve_dims(cfg.dims)
-    if cfg.tokenizer:
-        llm_tok, qf_tok = load_tokenizers(cfg.tokenizer)
-    else:
-        from sam_mllm.models.tokenizers import build_word_tokenizers, default_words
+    llm_tok = qf_tok = None  # a meta-device model is for sizing only; no text goes through it
+    if device is None or torch.device(device).type != "meta":
+        if cfg.tokenizer:
+            llm_tok, qf_tok = load_tokenizers(cfg.tokenizer)
+        else:
+            from sam_mllm.models.tokenizers import build_word_tokenizers, default_words
 
-        llm_tok, qf_tok = build_word_tokenizers(default_words())
-    if device is not None and torch.device(device).type == "meta":
-        llm_tok = qf_tok = None  # sizing only; no text goes through a meta model
-    else:
+            llm_tok, qf_tok = build_word_tokenizers(default_words())
         for name, tok, size in (("llm_vocab", llm_tok, dims.llm_vocab), ("qformer_vocab", qf_tok, dims.qformer_vocab)):
             if len(tok) > size:
                 raise ValueError(f"model.dims.{name}={size} is smaller than its tokenizer ({len(tok)} tokens)")

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import InstructBlipForConditionalGeneration, PreTrainedTokenizerBase
+from transformers import (
+    InstructBlipForConditionalGeneration,
+    LogitsProcessorList,
+    PreTrainedTokenizerBase,
+    RepetitionPenaltyLogitsProcessor,
+)
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -168,8 +173,12 @@ class SAMModel(nn.Module):
 
     def enable_gradient_checkpointing(self) -> None:
         kwargs = {"use_reentrant": False}
-        self.qformer.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        for part in (self.qformer, self.language_model):
+            # transformers 5 renamed the switch; older releases only have the second name.
+            if hasattr(part, "activation_checkpointing_enable"):
+                part.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                part.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.gradient_checkpointing = True
         self.train(self.training)
 
@@ -381,6 +390,13 @@ class SAMModel(nn.Module):
         settings = {**RELEASED_GENERATION, **kwargs}
         settings["max_new_tokens"] = settings.pop("max_length")
         settings["min_new_tokens"] = settings.pop("min_length")
+        penalty = float(settings.pop("repetition_penalty"))
+        if penalty != 1.0:
+            # Our own processor: transformers derives a per-row "prompt length" from the left padding
+            # of the attention mask and skips that many *generated* tokens when it is given embeddings
+            # only, so padded rows would be penalised differently from the same sample alone. The
+            # prompt is embeddings here, so the penalty covers generated tokens (as LAVIS did).
+            settings["logits_processor"] = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(penalty)])
         tok = self.llm_tokenizer
         if tok is not None:
             settings.setdefault("pad_token_id", tok.pad_token_id)
