@@ -76,3 +76,33 @@ def select(batch: dict, i: int) -> dict:
     out["qformer_input_ids"] = out["qformer_input_ids"][:, :tq]
     out["qformer_attention_mask"] = out["qformer_attention_mask"][:, :tq]
     return out
+
+
+def write_dataset(root, n: int = 8, seed: int = 0, image_size: int = 32, max_images: int = 3) -> list[dict]:
+    """A small dataset in the sample schema: coloured PNGs and word-level instructions/answers."""
+    import json
+    import random
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+    samples = []
+    for i in range(n):
+        k = 1 + i % max_images
+        name = rng.choice(list(colours))
+        imgs = []
+        for j in range(k):
+            arr = np.random.default_rng(seed * 1000 + i * 10 + j).integers(0, 60, (image_size, image_size, 3))
+            arr[8:24, 8:24] = colours[name]
+            path = f"images/s{i}_{j}.png"
+            Image.fromarray(arr.astype(np.uint8)).save(root / path)
+            imgs.append(path)
+        samples.append({"id": i, "img_list": imgs, "instruction": "what is the shared object ?",
+                        "output": f"a {name} square ."})
+    (root / "annotations.json").write_text(json.dumps(samples, indent=1))
+    return samples

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from functools import partial
+
 import torch
 
 from sam_mllm.config import ModelConfig

@@ -58,15 +58,16 @@ class BackboneDims:
 
 # ``7b`` is InstructBLIP-Vicuna-7B exactly; ``base`` keeps the real widths with few layers so that
 # benchmarks of realistic per-layer cost run on a CPU; ``tiny`` matches the Q-Former of the
-# released-code fixture (width 64, 4 layers, 8 queries, vision width 48, P = 17 patches).
+# released-code fixture (width 64, 4 layers, 8 queries, vision width 48, P = 17 patches); its
+# vocabularies fit the synthetic world's word tokenizers.
 DIMS_PRESETS: dict[str, BackboneDims] = {
     "7b": BackboneDims(),
     "base": BackboneDims(vision_layers=2, qformer_layers=12, llm_layers=2),
     "tiny": BackboneDims(
         image_size=32, patch_size=8, vision_hidden=48, vision_layers=2, vision_heads=4,
         vision_intermediate=96, qformer_hidden=64, qformer_layers=4, qformer_heads=4,
-        qformer_intermediate=128, qformer_vocab=100, qformer_max_positions=32, num_query_tokens=8,
-        llm_hidden=96, llm_layers=2, llm_heads=4, llm_kv_heads=4, llm_intermediate=192, llm_vocab=128,
+        qformer_intermediate=128, qformer_vocab=512, qformer_max_positions=128, num_query_tokens=8,
+        llm_hidden=96, llm_layers=2, llm_heads=4, llm_kv_heads=4, llm_intermediate=192, llm_vocab=512,
         llm_max_positions=512,
     ),
 }

@@ -1,0 +1,62 @@
+"""Notebook API: ``sam_mllm.load_model(...)`` then ``.generate(images=[...], prompt=...)``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from sam_mllm.config import Config, load_config
+from sam_mllm.data.processing import Processor, load_image, to_device
+from sam_mllm.models import SAMModel, build_model
+from sam_mllm.models.checkpoint import ADAPTER_FILE, CONFIG_FILE
+
+
+class Pipeline:
+    """A model with its processor and generation settings; one call per multi-image question."""
+
+    def __init__(self, model: SAMModel, cfg: Config) -> None:
+        self.model = model.eval()
+        self.cfg = cfg
+        self.processor = Processor.for_model(model, cfg.model)
+        self.generation = dict(vars(cfg.generation))
+
+    @torch.no_grad()
+    def generate(self, images: Sequence[Image.Image | str | Path], prompt: str, **generation) -> str:
+        """Answer ``prompt`` about ``images`` (PIL images or file paths, in order)."""
+        if not images:
+            raise ValueError("give at least one image")
+        if len(images) > self.model.max_images:
+            raise ValueError(f"{len(images)} images given; this model takes at most {self.model.max_images} "
+                             "(model.max_images)")
+        transform = self.processor.transform(train=False)
+        tensors = []
+        for i, im in enumerate(images):
+            pil = im if isinstance(im, Image.Image) else load_image(im, f"images[{i}]: ")
+            tensors.append(transform(pil))
+        item = {"id": 0, "images": torch.stack(tensors), "instruction": prompt, "output": ""}
+        batch = to_device(self.processor.collate([item], with_answers=False), self.model.device)
+        return self.model.generate(batch, **{**self.generation, **generation})[0]
+
+
+def load_model(config: str | Path | None = None, checkpoint: str | Path | None = None,
+               device: str | torch.device | None = None, overrides: Sequence[str] = ()) -> Pipeline:
+    """A ready pipeline from a config (name under configs/ or path) and optionally a trained checkpoint.
+
+    ``checkpoint`` is a folder written by training (``adapter.safetensors`` + ``config.yaml``) or an
+    adapter file; given a folder and no ``config``, the folder's own config rebuilds the model.
+    With neither, the defaults describe SAM on InstructBLIP-Vicuna-7B; ``load_model("demo/sam")``
+    is the embedded tiny model.
+    """
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if config is None and ckpt is not None and (ckpt / CONFIG_FILE).is_file():
+        config = ckpt / CONFIG_FILE
+    extra = list(overrides)
+    if ckpt is not None:
+        extra.append(f"model.checkpoint={ckpt / ADAPTER_FILE if ckpt.is_dir() else ckpt}")
+    cfg = load_config(config, extra)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(cfg.model).to(device)
+    return Pipeline(model, cfg)

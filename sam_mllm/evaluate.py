@@ -1,0 +1,243 @@
+"""``python -m sam_mllm.evaluate --config configs/eval/....yaml [key=value ...]``
+
+For each dataset of ``eval.datasets``: batched generation with a progress bar, every prediction
+appended to ``predictions.jsonl`` as soon as it exists (a killed run resumes where it stopped,
+with no duplicates), then ``metrics.json``, ``per_sample.jsonl`` and a sortable ``report.html``.
+Under ``accelerate launch`` the samples are split across processes, each evaluated exactly once;
+the main process merges the predictions and scores them, so metrics equal a one-process run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from sam_mllm import registry
+from sam_mllm.config import Config, DatasetConfig, parse_cli, to_yaml
+from sam_mllm.data.processing import ImageLoadError, Processor, load_image, to_device
+from sam_mllm.data.schema import DataError, Sample, read_annotations
+from sam_mllm.metrics import score
+from sam_mllm.models import SAMModel, build_model
+
+PREDICTIONS = "predictions.jsonl"
+
+
+@dataclass
+class EvalSet:
+    name: str
+    task: str
+    root: Path  # folder of annotations.json; image paths are relative to it
+    samples: list[Sample]
+    bad: list  # BadSample entries skipped under eval.skip_bad
+
+
+def dataset_root(cfg: Config, ds: DatasetConfig) -> tuple[str, str, Path]:
+    """(name, task, folder) of a dataset entry; registered names fill in task and default path."""
+    info = None
+    if ds.name in registry.names("dataset"):
+        info = registry.get("dataset", ds.name)
+    elif not (ds.task and ds.path):
+        raise DataError(
+            f"dataset {ds.name!r} is not registered, so it needs both 'task' and 'path'; registered "
+            f"datasets: {', '.join(registry.names('dataset'))}"
+        )
+    task = ds.task or info.task
+    registry.get("task", task)  # an unknown task fails here, listing the known ones
+    rel = Path(ds.path or info.path)
+    root = rel if rel.is_absolute() else Path(cfg.data_root) / rel
+    return ds.name or rel.name, task, root
+
+
+def load_eval_set(cfg: Config, ds: DatasetConfig) -> EvalSet:
+    name, task, root = dataset_root(cfg, ds)
+    annotations = root / ds.annotations
+    if not annotations.is_file():
+        raise DataError(f"{annotations}: annotations file not found for dataset {name!r} "
+                        f"(set data_root=... or the dataset's path; see `python -m sam_mllm.data.prepare --help`)")
+    samples, bad = read_annotations(
+        annotations, max_images=cfg.model.max_images, check_images=cfg.eval.check_images,
+        skip_bad=cfg.eval.skip_bad,
+    )
+    limit = ds.max_samples or cfg.eval.max_samples
+    if limit:
+        samples = samples[:limit]
+    return EvalSet(name, task, root, samples, bad)
+
+
+def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
+    """Records of a JSONL file; a torn last line (killed mid-write) is dropped, and cut off if ``repair``."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    records, good_end = [], 0
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        good_end += len(line)
+    if repair and good_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good_end)
+    return records
+
+
+def _prediction_files(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.glob("predictions*.jsonl"))
+
+
+def _batches(samples: Sequence[Sample], size: int) -> Iterator[list[Sample]]:
+    for start in range(0, len(samples), size):
+        yield list(samples[start : start + size])
+
+
+def _load_item(sample: Sample, root: Path, transform) -> dict:
+    where = f"sample id {sample.id!r}: "
+    images = [transform(load_image(root / rel, where)) for rel in sample.img_list]
+    return {"id": sample.id, "images": torch.stack(images), "instruction": sample.instruction, "output": sample.output}
+
+
+def generate_predictions(model: SAMModel, processor: Processor, eval_set: EvalSet, out_dir: Path,
+                         accelerator: Accelerator, batch_size: int, generation: dict) -> None:
+    """Generate for every sample that has no prediction yet, appending to this process's file."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        for path in _prediction_files(out_dir):
+            read_jsonl(path, repair=True)
+    accelerator.wait_for_everyone()
+    done = {json.dumps(r["id"]) for p in _prediction_files(out_dir) for r in read_jsonl(p)}
+    todo = [s for s in eval_set.samples if json.dumps(s.id) not in done]
+    mine = todo[accelerator.process_index :: accelerator.num_processes]
+    own_file = out_dir / (PREDICTIONS if accelerator.is_main_process else
+                          f"predictions.rank{accelerator.process_index}.jsonl")
+    transform = processor.transform(train=False)
+    bar = tqdm(total=len(mine), desc=f"eval {eval_set.name}", disable=not accelerator.is_local_main_process,
+               unit="sample")
+    model.eval()
+    with open(own_file, "a", encoding="utf-8") as f:
+        for chunk in _batches(mine, batch_size):
+            items = [_load_item(s, eval_set.root, transform) for s in chunk]
+            batch = to_device(processor.collate(items, with_answers=False), accelerator.device)
+            texts = model.generate(batch, **generation)
+            for sample, text in zip(chunk, texts):
+                f.write(json.dumps({"id": sample.id, "prediction": text}, ensure_ascii=False) + "\n")
+            f.flush()  # a kill loses at most the batch in flight
+            bar.update(len(chunk))
+    bar.close()
+    accelerator.wait_for_everyone()
+
+
+def score_eval_set(cfg: Config, eval_set: EvalSet, out_dir: Path) -> dict:
+    """Merge the predictions in dataset order, score them, write the outputs. Main process only."""
+    by_id: dict[str, str] = {}
+    for path in _prediction_files(out_dir):
+        for record in read_jsonl(path):
+            by_id.setdefault(json.dumps(record["id"]), record["prediction"])
+    missing = [s.id for s in eval_set.samples if json.dumps(s.id) not in by_id]
+    if missing:
+        raise RuntimeError(f"{eval_set.name}: {len(missing)} samples have no prediction, e.g. {missing[:5]}")
+    merged = [{"id": s.id, "prediction": by_id[json.dumps(s.id)]} for s in eval_set.samples]
+    _write_jsonl(out_dir / PREDICTIONS, merged)
+    for path in _prediction_files(out_dir):
+        if path.name != PREDICTIONS:
+            path.unlink()
+
+    task = registry.get("task", eval_set.task)
+    metrics = [m for m in cfg.eval.metrics] or list(task.metrics)
+    records = [(s.id, by_id[json.dumps(s.id)], list(s.all_references)) for s in eval_set.samples]
+    result = score(records, metrics=metrics, protocol=cfg.eval.protocol,
+                   single_reference=cfg.eval.single_reference)
+    summary = {**result.summary, "num_samples": len(records), "num_bad_samples": len(eval_set.bad)}
+    rows = []
+    for s in eval_set.samples:
+        rows.append({"id": s.id, "prediction": by_id[json.dumps(s.id)], "references": list(s.all_references),
+                     "instruction": s.instruction, "images": [str(eval_set.root / p) for p in s.img_list],
+                     "scores": result.per_sample[s.id]})
+    _write_jsonl(out_dir / "per_sample.jsonl", [{k: r[k] for k in ("id", "prediction", "references", "scores")}
+                                                for r in rows])
+    bad = [{"index": b.index, "id": b.id, "reason": b.reason} for b in eval_set.bad]
+    _write_json(out_dir / "metrics.json", {"dataset": eval_set.name, "task": eval_set.task, **summary,
+                                           "bad_samples": bad})
+    if cfg.eval.html_report:
+        from sam_mllm.report import write_html_report
+
+        write_html_report(out_dir / "report.html", title=f"{eval_set.name} ({eval_set.task})", rows=rows,
+                          summary=result.summary, bad_samples=bad)
+    return summary
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def evaluate(cfg: Config, model: SAMModel | None = None, accelerator: Accelerator | None = None,
+             out_dir: Path | None = None) -> dict[str, dict]:
+    """Evaluate on every dataset of ``cfg.eval.datasets``; returns {dataset: summary} (main process)."""
+    if not cfg.eval.datasets:
+        raise ValueError("eval.datasets is empty: name at least one dataset in the config")
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = model or build_model(cfg.model).to(accelerator.device)
+    processor = Processor.for_model(model, cfg.model)
+    out_dir = Path(out_dir or cfg.output_dir)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    generation = dict(vars(cfg.generation))
+    results: dict[str, dict] = {}
+    for ds in cfg.eval.datasets:
+        eval_set = load_eval_set(cfg, ds)
+        if eval_set.bad and accelerator.is_main_process:
+            print(f"{eval_set.name}: skipped {len(eval_set.bad)} bad samples (eval.skip_bad=true):")
+            for b in eval_set.bad:
+                print(f"  #{b.index} id {b.id!r}: {b.reason}")
+        ds_dir = out_dir / eval_set.name
+        generate_predictions(model, processor, eval_set, ds_dir, accelerator, cfg.eval.batch_size, generation)
+        if accelerator.is_main_process:
+            results[eval_set.name] = score_eval_set(cfg, eval_set, ds_dir)
+        accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json(out_dir / "metrics.json", results)
+        print(format_table(results))
+    return results
+
+
+def format_table(results: dict[str, dict], keys: Sequence[str] = ("ROUGE_L", "CIDEr", "BLEU_4")) -> str:
+    lines = [f"{'dataset':<32}" + "".join(f"{k:>10}" for k in keys) + f"{'samples':>9}"]
+    for name, summary in results.items():
+        lines.append(f"{name:<32}" + "".join(f"{summary.get(k, float('nan')):>10.2f}" for k in keys)
+                     + f"{summary.get('num_samples', 0):>9}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(argv, description=__doc__.splitlines()[0])
+    try:
+        evaluate(cfg)
+    except (DataError, ImageLoadError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()

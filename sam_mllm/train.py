@@ -1,0 +1,379 @@
+"""``python -m sam_mllm.train --config configs/train/....yaml [key=value ...]`` — the training recipe.
+
+Read it top to bottom: config -> model -> data (mixture order, optional feature cache) -> optimizer
+and schedule -> resume -> the loop (accumulate, clip, step, log, checkpoint, evaluate) -> final
+checkpoint and curves. Only the trainable parameters are saved (a small safetensors file), plus
+the resume state; both are written to a temporary folder that is renamed when complete, so a crash
+never damages the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from sam_mllm.config import Config, ConfigError, parse_cli, to_yaml
+from sam_mllm.data.feature_cache import FeatureCache, backbone_fingerprint
+from sam_mllm.data.processing import ImageLoadError, Processor, load_image
+from sam_mllm.data.sampling import MixtureOrder, step_positions
+from sam_mllm.data.schema import DataError, Sample, read_annotations
+from sam_mllm.evaluate import dataset_root, read_jsonl
+from sam_mllm.models import SAMModel, build_model
+from sam_mllm.models.checkpoint import save_trainable
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "state.pt"
+LOG_FILE = "log.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is untouched."""
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class TrainItems(Dataset):
+    """Stream position -> one training item (images or cached features, instruction, answer)."""
+
+    def __init__(self, sets: list[tuple[Path, list[Sample]]], order: MixtureOrder, processor: Processor,
+                 cfg: Config, cache: FeatureCache | None) -> None:
+        self.sets, self.order, self.cache = sets, order, cache
+        self.seed = cfg.seed
+        t = cfg.train
+        self.transform = processor.transform(train=t.augment != "none", crop_scale=t.crop_scale, hflip=t.hflip)
+
+    def __len__(self) -> int:  # positions are unbounded; the batch sampler decides which to read
+        return 2**62
+
+    def __getitem__(self, position: int) -> dict:
+        d, i = self.order[position]
+        root, samples = self.sets[d]
+        s = samples[i]
+        item = {"id": s.id, "instruction": s.instruction, "output": s.output}
+        if self.cache is not None:
+            item["image_embeds"] = torch.stack([self.cache.get(root / p) for p in s.img_list])
+            return item
+        # Crops depend only on (seed, position): a resumed run draws exactly the same ones.
+        rng = random.Random(f"{self.seed}/crop/{position}")
+        where = f"training sample id {s.id!r} ({root}): "
+        item["images"] = torch.stack([self.transform(load_image(root / p, where), rng) for p in s.img_list])
+        return item
+
+
+def load_train_sets(cfg: Config) -> tuple[list[tuple[Path, list[Sample]]], list[float]]:
+    if not cfg.train.datasets:
+        raise ConfigError("train.datasets is empty: name at least one training dataset")
+    sets, weights = [], []
+    for ds in cfg.train.datasets:
+        name, _, root = dataset_root(cfg, ds)
+        samples, _ = read_annotations(root / ds.annotations, max_images=cfg.model.max_images,
+                                      check_images=False)
+        if ds.max_samples:
+            samples = samples[: ds.max_samples]
+        sets.append((root, samples))
+        weights.append(ds.weight)
+    return sets, weights
+
+
+def build_feature_cache(cfg: Config, model: SAMModel, processor: Processor, sets, accelerator) -> FeatureCache:
+    if cfg.train.augment != "none":
+        raise ConfigError(
+            f"train.feature_cache needs the deterministic evaluation transform, but train.augment="
+            f"{cfg.train.augment!r} draws random crops: cached features would not match the pixels. "
+            "Set train.augment=none, or train without the cache."
+        )
+    transform = processor.transform(train=False)
+    cache = FeatureCache(cfg.train.feature_cache, backbone_fingerprint(model), transform.fingerprint)
+    if accelerator.is_main_process:
+        paths = [root / p for root, samples in sets for s in samples for p in s.img_list]
+
+        @torch.no_grad()
+        def encode(files: list[Path]) -> torch.Tensor:
+            pixels = torch.stack([transform(load_image(f)) for f in files]).to(accelerator.device)
+            return model.vision_model(pixel_values=pixels.to(model.vision_model.dtype)).last_hidden_state
+
+        added = cache.build(paths, encode)
+        print(f"feature cache {cache.dir}: {added} images added, {len(cache.index['rows'])} cached")
+    accelerator.wait_for_everyone()
+    return FeatureCache(cfg.train.feature_cache, cache.backbone, cache.transform)  # re-read the index
+
+
+class StepBatches:
+    """Batch sampler: the micro-batches of this process for steps ``start, start + 1, ...``."""
+
+    def __init__(self, start: int, max_steps: int, cfg: Config, accelerator: Accelerator) -> None:
+        self.start, self.max_steps, self.t, self.acc = start, max_steps, cfg.train, accelerator
+
+    def __iter__(self):
+        for step in range(self.start, self.max_steps):
+            yield from step_positions(step, self.t.global_batch_size, self.t.micro_batch_size,
+                                      self.acc.process_index, self.acc.num_processes)
+
+    def __len__(self) -> int:
+        return (self.max_steps - self.start) * self.micro_batches_per_step()
+
+    def micro_batches_per_step(self) -> int:
+        return len(step_positions(0, self.t.global_batch_size, self.t.micro_batch_size,
+                                  self.acc.process_index, self.acc.num_processes))
+
+
+# ------------------------------------------------------------------------------------- optimisation
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warm-up to ``train.lr`` over ``warmup_steps``, then cosine decay to 0 at ``max_steps``."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    return 0.5 * t.lr * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: SAMModel, cfg: Config) -> torch.optim.Optimizer:
+    # As in LAVIS: no weight decay on biases and 1-D parameters.
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return out / CHECKPOINTS / f"step_{step:07d}"
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    # Only complete checkpoints have their final name (they are renamed into place when done).
+    found = sorted(p for p in (out / CHECKPOINTS).glob("step_*") if (p / STATE_FILE).is_file())
+    return found[-1] if found else None
+
+
+def save_checkpoint(out: Path, step: int, model: SAMModel, optimizer, cfg: Config, keep_last: int = 3) -> Path:
+    target = checkpoint_dir(out, step)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_trainable(model, tmp, config_yaml=to_yaml(cfg))
+    state = {
+        "step": step,
+        "data_position": step * cfg.train.global_batch_size,
+        "optimizer": optimizer.state_dict(),
+        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+    }
+    torch.save(state, tmp / STATE_FILE)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    for old in sorted((out / CHECKPOINTS).glob("step_*"))[:-keep_last]:
+        if old.suffix != ".tmp":
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def resume_from(cfg: Config, out: Path) -> Path | None:
+    if not cfg.train.resume:
+        return None
+    if cfg.train.resume == "latest":
+        return latest_checkpoint(out)  # nothing yet: a fresh start
+    path = Path(cfg.train.resume)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"train.resume={cfg.train.resume!r}: no {STATE_FILE} in that folder")
+    return path
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def train(cfg: Config) -> Path:
+    t = cfg.train
+    mixed = t.mixed_precision if t.mixed_precision != "auto" else ("bf16" if torch.cuda.is_available() else "no")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if t.global_batch_size % (t.micro_batch_size * world):
+        raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+                          f"micro_batch_size x processes ({t.micro_batch_size} x {world})")
+    accum = t.global_batch_size // (t.micro_batch_size * world)
+    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=accum,
+                              cpu=not torch.cuda.is_available())
+    out = Path(cfg.output_dir)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    # Model: frozen backbone in eval mode, trainable groups from the config.
+    model = build_model(cfg.model).to(accelerator.device)
+    processor = Processor.for_model(model, cfg.model)
+
+    # Data: a deterministic mixture; pixels, or features from the on-disk cache.
+    sets, weights = load_train_sets(cfg)
+    cache = build_feature_cache(cfg, model, processor, sets, accelerator) if t.feature_cache else None
+    order = MixtureOrder([len(s) for _, s in sets], weights, cfg.seed)
+    items = TrainItems(sets, order, processor, cfg, cache)
+
+    optimizer = make_optimizer(model, cfg)
+    start = 0
+    resume = resume_from(cfg, out)
+    if resume is not None:
+        from sam_mllm.models.checkpoint import load_trainable
+
+        load_trainable(model, resume)
+        state = torch.load(resume / STATE_FILE, map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start = state["step"]
+        accelerator.print(f"resumed from {resume} at step {start}")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(to_yaml(cfg))
+        _trim_log(out / LOG_FILE, start)  # lines past the checkpoint are redone below
+    model.train()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+
+    sampler = StepBatches(start, t.max_steps, cfg, accelerator)
+    loader = DataLoader(items, batch_sampler=sampler, num_workers=t.num_workers,
+                        collate_fn=lambda b: processor.collate(b, with_answers=True))
+    writer = _tensorboard(out) if t.tensorboard and accelerator.is_main_process else None
+    bar = tqdm(total=t.max_steps, initial=start, desc="train", unit="step",
+               disable=not accelerator.is_local_main_process)
+    log = open(out / LOG_FILE, "a", encoding="utf-8") if accelerator.is_main_process else None
+    micro = sampler.micro_batches_per_step()
+    batches = iter(loader)
+    tick, samples_seen = time.monotonic(), 0
+    try:
+        for step in range(start, t.max_steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            step_loss = torch.zeros((), device=accelerator.device)
+            for _ in range(micro):
+                batch = next(batches)
+                ids = batch.pop("ids")
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                with accelerator.accumulate(model):
+                    loss = model(batch).loss
+                    if not torch.isfinite(loss):
+                        raise TrainingError(
+                            f"non-finite loss ({loss.item()}) at step {step} on samples {ids}; stopping. "
+                            f"The last good checkpoint is {latest_checkpoint(out) or '(none yet)'}.")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and t.grad_clip > 0:
+                        grad_norm = accelerator.clip_grad_norm_(raw.trainable_state_dict().values(), t.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.detach() / micro
+                samples_seen += len(ids) * accelerator.num_processes
+            done = step + 1
+            mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
+            bar.update(1)
+            if done % t.log_every == 0 or done == t.max_steps:
+                elapsed = time.monotonic() - tick
+                record = {"step": done, "loss": mean_loss, "lr": lr_at(step, cfg),
+                          "grad_norm": float(grad_norm) if t.grad_clip > 0 else None,
+                          "samples_per_sec": samples_seen / max(elapsed, 1e-9)}
+                tick, samples_seen = time.monotonic(), 0
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}",
+                                sps=f"{record['samples_per_sec']:.1f}")
+                _log(log, writer, record)
+            if done % t.save_every == 0 or done == t.max_steps:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    save_checkpoint(out, done, raw, optimizer, cfg)
+            if t.eval_every and t.val_datasets and (done % t.eval_every == 0 or done == t.max_steps):
+                _log(log, writer, {"step": done, **_periodic_eval(cfg, raw, accelerator, out, done)})
+                model.train()
+        # Data-parallel replicas must end equal; a silent divergence would make the checkpoint
+        # (written by the main process alone) unrepresentative of the run.
+        flat = torch.cat([p.detach().float().flatten() for p in raw.trainable_state_dict().values()])
+        gathered = accelerator.gather(flat[None])
+        identical = bool((gathered == gathered[:1]).all())
+        _log(log, writer, {"step": t.max_steps, "replicas_identical": identical})
+        if not identical:
+            raise TrainingError("data-parallel replicas ended with different trainable weights")
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+        if writer is not None:
+            writer.close()
+
+    accelerator.wait_for_everyone()
+    final = out / "final"
+    if accelerator.is_main_process:
+        last = latest_checkpoint(out)
+        tmp = out / "final.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        for name in ("adapter.safetensors", "config.yaml"):
+            shutil.copy2(last / name, tmp / name)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        from sam_mllm.report import plot_curves
+
+        plot_curves(out / LOG_FILE, out / "curves.png")
+    return final
+
+
+def _periodic_eval(cfg: Config, model: SAMModel, accelerator: Accelerator, out: Path, step: int) -> dict:
+    from sam_mllm.evaluate import evaluate
+
+    eval_cfg = copy.deepcopy(cfg)
+    eval_cfg.eval.datasets = list(cfg.train.val_datasets)
+    results = evaluate(eval_cfg, model=model, accelerator=accelerator, out_dir=out / "eval" / f"step_{step:07d}")
+    return {f"eval/{ds}/{k}": v for ds, summary in results.items() for k, v in summary.items()
+            if isinstance(v, (int, float)) and not k.startswith("num_")}
+
+
+def _trim_log(path: Path, step: int) -> None:
+    records = [r for r in read_jsonl(path, repair=True) if r.get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def _log(file, writer, record: dict) -> None:
+    if file is None:
+        return
+    file.write(json.dumps(record) + "\n")
+    file.flush()
+    if writer is not None:
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                writer.add_scalar(k, v, record["step"])
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from exc
+    return SummaryWriter(out / "tensorboard")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(argv, description=__doc__.splitlines()[0])
+    try:
+        final = train(cfg)
+    except (ConfigError, DataError, ImageLoadError, TrainingError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(f"trained parameters: {final}")
+
+
+if __name__ == "__main__":
+    main()
