@@ -22,6 +22,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 
 class BackboneNotFoundError(FileNotFoundError):
     """The requested weights are not on this machine and cannot be downloaded."""
@@ -68,6 +70,15 @@ DIMS_PRESETS: dict[str, BackboneDims] = {
         vision_intermediate=96, qformer_hidden=64, qformer_layers=4, qformer_heads=4,
         qformer_intermediate=128, qformer_vocab=512, qformer_max_positions=128, num_query_tokens=8,
         llm_hidden=96, llm_layers=2, llm_heads=4, llm_kv_heads=4, llm_intermediate=192, llm_vocab=512,
+        llm_max_positions=512,
+    ),
+    # The embedded default's backbone (sam_mllm/assets/tiny_backbone): 64 px images, and only 4
+    # query tokens per image, so one image's tokens cannot describe every object it shows.
+    "demo": BackboneDims(
+        image_size=64, patch_size=8, vision_hidden=128, vision_layers=4, vision_heads=4,
+        vision_intermediate=256, qformer_hidden=128, qformer_layers=4, qformer_heads=4,
+        qformer_intermediate=256, qformer_vocab=512, qformer_max_positions=128, num_query_tokens=4,
+        llm_hidden=128, llm_layers=3, llm_heads=4, llm_kv_heads=4, llm_intermediate=256, llm_vocab=512,
         llm_max_positions=512,
     ),
 }
@@ -130,6 +141,8 @@ def build_from_dims(dims: Any, attn_implementation: str = "sdpa") -> InstructBli
 def _locate(name_or_path: str) -> Path:
     """A local directory as is, or the cached snapshot of a hub id; never a silent download."""
     path = Path(name_or_path).expanduser()
+    if not path.is_absolute() and not path.is_dir() and (REPO_ROOT / path).is_dir():
+        path = REPO_ROOT / path  # repo-relative paths (configs name sam_mllm/assets/...) work from anywhere
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise BackboneNotFoundError(f"backbone directory {path} has no config.json")
@@ -182,3 +195,22 @@ def load_tokenizers(path: str | Path) -> tuple[PreTrainedTokenizerBase, PreTrain
     llm = AutoTokenizer.from_pretrained(path)
     qformer = AutoTokenizer.from_pretrained(path / "qformer_tokenizer")
     return llm, qformer
+
+
+def export_backbone(model, path: str | Path) -> Path:
+    """Save a model's backbone as a Hugging Face InstructBLIP directory (weights + both tokenizers).
+
+    The result loads with ``model.backbone=<path>`` exactly like a hub checkpoint; SAM's own
+    layers are not part of it (they are what training adds).
+    """
+    path = Path(path)
+    backbone = InstructBlipForConditionalGeneration(model.config)
+    own = {k: v for k, v in model.state_dict().items() if k in backbone.state_dict()}
+    missing, unexpected = backbone.load_state_dict(own, strict=False)
+    if missing:
+        raise ValueError(f"cannot export: the model lacks backbone weights {missing[:5]}")
+    backbone.save_pretrained(path)
+    if model.llm_tokenizer is not None:
+        model.llm_tokenizer.save_pretrained(path)
+        model.qformer_tokenizer.save_pretrained(path / "qformer_tokenizer")
+    return path
