@@ -93,7 +93,9 @@ def test_two_processes_give_the_same_metrics(tmp_path):
     write_dataset(data, n=7)
     one = _cli("sam_mllm.evaluate", _overrides(data, tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    # `--cpu --num_processes 2` starts ONE process in accelerate 1.x (it needs MPI for more);
+    # `--multi_gpu` goes through torchrun, and without CUDA our Accelerator uses gloo on the CPU.
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                           "-m", "sam_mllm.evaluate", *_overrides(data, tmp_path / "two")], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]

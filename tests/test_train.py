@@ -112,7 +112,9 @@ def test_feature_cache_refuses_random_augmentation(data, tmp_path):
 
 def test_two_processes_train_identically_and_only_main_writes(data, tmp_path):
     run = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    # `--cpu --num_processes 2` starts ONE process in accelerate 1.x (it needs MPI for more);
+    # `--multi_gpu` goes through torchrun, and without CUDA our Accelerator uses gloo on the CPU.
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "-m", "sam_mllm.train", *_overrides(data, run, ["train.max_steps=4"])],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
