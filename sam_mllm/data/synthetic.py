@@ -59,7 +59,7 @@ DEFAULT_SIZES: dict[str, dict[str, int]] = {
     "group_captioning": {"train": 100, "val": 50, "test": 100},
     "storytelling": {"train": 100, "val": 50, "test": 100},
     "change_captioning": {"train": 100, "val": 50, "test": 100},
-    "pretrain": {"train": 4000, "val": 100, "test": 100},
+    "pretrain": {"train": 12000, "val": 100, "test": 100},
 }
 DATASETS = tuple(DEFAULT_SIZES)
 SPLITS = ("train", "val", "test")
