@@ -1,4 +1,10 @@
-"""Self-contained HTML reports of evaluation runs, and PNG curves of training logs."""
+"""Self-contained HTML reports of evaluation runs, and PNG curves of training logs.
+
+``write_html_report`` writes one HTML file that opens offline from a ``file://`` URL: the thumbnails are
+embedded as base64 JPEG data URIs and the CSS / JS are inline, so a report can be copied off a cluster or
+attached to an issue on its own. ``plot_curves`` draws every numeric field of a ``log.jsonl`` training
+log against the step.
+"""
 
 from __future__ import annotations
 
@@ -6,139 +12,337 @@ import base64
 import html
 import io
 import json
+import math
 import os
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
+
+__all__ = ["write_html_report", "plot_curves"]
+
+_esc = html.escape
 
 _STYLE = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #ddd;padding:4px 8px;vertical-align:top}
-th{background:#f4f4f4;cursor:pointer;position:sticky;top:0}th:hover{background:#e8e8e8}
-.thumbs figure{display:inline-block;margin:0 4px 0 0;text-align:center;font-size:11px;color:#666}
-.missing{display:inline-block;width:80px;height:60px;background:#fee;color:#a00;font-size:11px}
-.summary td{border:none;padding:2px 12px}.instr{max-width:28em}.pred{max-width:20em;font-weight:600}
-input{margin:.8em 0;padding:4px;width:24em}
+body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.2em 1.5em;color:#222;background:#fff}
+h1{font-size:1.4em;margin:.2em 0 .6em}
+table{border-collapse:collapse}
+.summary td,.summary th{border:1px solid #ddd;padding:3px 10px;text-align:right}
+.summary th{background:#f4f4f4;text-align:left;font-weight:600}
+.note{background:#fff8e1;border-left:4px solid #f0b400;padding:6px 10px;margin:.8em 0}
+details{margin:.8em 0}details li{font-family:ui-monospace,monospace;font-size:12px}
+.bar{margin:1em 0 .5em;display:flex;gap:1em;align-items:center}
+.bar input{padding:5px 8px;width:26em;font:inherit}.bar span{color:#666}
+#rows{width:100%}
+#rows td,#rows th{border-bottom:1px solid #e4e4e4;padding:5px 8px;vertical-align:top;text-align:left}
+#rows th{background:#f4f4f4;position:sticky;top:0;cursor:pointer;user-select:none;white-space:nowrap;z-index:1}
+#rows th:hover{background:#e6e6e6}
+#rows th[data-dir=asc]::after{content:" \\25B2"}#rows th[data-dir=desc]::after{content:" \\25BC"}
+#rows tbody tr:hover{background:#fafafa}
+.txt{white-space:pre-wrap;word-break:break-word;max-width:26em}
+.pred{font-weight:600}
+.refs div{white-space:pre-wrap;word-break:break-word;max-width:26em;color:#444}
+.refs div+div{border-top:1px dashed #e0e0e0;margin-top:2px;padding-top:2px}
+.num{text-align:right!important;font-variant-numeric:tabular-nums;white-space:nowrap}
+.imgs{white-space:nowrap}
+.imgs figure{display:inline-block;margin:0 4px 0 0;text-align:center;vertical-align:top}
+.imgs figcaption{font-size:11px;color:#666}
+.t{display:block;background-size:contain;background-repeat:no-repeat;border:1px solid #ccc}
+.missing{display:flex;align-items:center;justify-content:center;box-sizing:border-box;padding:2px;
+ background:#fdecec;color:#a00;border:1px dashed #d88;font-size:10px;word-break:break-all;overflow:hidden}
 """
 
+# Sort keys are computed once per click (not per comparison) so 5,000 rows sort instantly; cells with no
+# value (a metric missing for a sample) stay at the bottom in both directions.
 _SCRIPT = """
-const table=document.getElementById('rows');let dir={};
-document.querySelectorAll('#rows th').forEach((th,i)=>th.onclick=()=>{
- const body=table.tBodies[0];const rows=[...body.rows];dir[i]=!dir[i];
- const key=r=>{const v=r.cells[i].dataset.v??r.cells[i].innerText;const n=parseFloat(v);return isNaN(n)?v:n};
- rows.sort((a,b)=>{const x=key(a),y=key(b);return (x>y?1:x<y?-1:0)*(dir[i]?1:-1)});
- rows.forEach(r=>body.appendChild(r));});
-document.getElementById('filter').oninput=e=>{const q=e.target.value.toLowerCase();
- [...table.tBodies[0].rows].forEach(r=>r.style.display=r.innerText.toLowerCase().includes(q)?'':'none')};
+(function(){
+const table=document.getElementById('rows'),body=table.tBodies[0],ths=[...table.tHead.rows[0].cells];
+const count=document.getElementById('count');
+function key(cell,num){const v=cell.dataset.v!==undefined?cell.dataset.v:cell.textContent.trim();
+ if(!num)return v.toLowerCase();const n=parseFloat(v);return isNaN(n)?null:n;}
+ths.forEach((th,i)=>th.addEventListener('click',()=>{
+ const asc=th.dataset.dir!=='asc',num=th.dataset.type==='num',sign=asc?1:-1;
+ ths.forEach(h=>delete h.dataset.dir);th.dataset.dir=asc?'asc':'desc';
+ const keyed=[...body.rows].map(r=>[key(r.cells[i],num),r]);
+ keyed.sort((a,b)=>{const x=a[0],y=b[0];if(x===y)return 0;if(x===null||x==='')return 1;if(y===null||y==='')return -1;
+  return (num?x-y:x.localeCompare(y,undefined,{numeric:true}))*sign;});
+ const frag=document.createDocumentFragment();keyed.forEach(k=>frag.appendChild(k[1]));body.appendChild(frag);}));
+const text=new WeakMap();
+document.getElementById('filter').addEventListener('input',e=>{
+ const q=e.target.value.trim().toLowerCase();let shown=0;
+ for(const r of body.rows){if(!text.has(r))text.set(r,r.textContent.toLowerCase());
+  const ok=!q||text.get(r).includes(q);r.style.display=ok?'':'none';shown+=ok;}
+ count.textContent=q?shown+' of '+body.rows.length+' rows match':'';});
+})();
 """
-
-
-def _thumbnail(path: str, size: int, cache: dict[str, str]) -> str:
-    if path not in cache:
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                im.thumbnail((size, size))
-                buf = io.BytesIO()
-                im.save(buf, format="JPEG", quality=80)
-            cache[path] = f"<img src='data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}'>"
-        except (OSError, ValueError):
-            cache[path] = f"<span class='missing'>missing: {html.escape(Path(path).name)}</span>"
-    return cache[path]
 
 
 def write_html_report(path: str | Path, *, title: str, rows: Sequence[Mapping], summary: Mapping[str, float],
-                      bad_samples: Sequence[Mapping] = (), thumb_size: int = 96,
-                      max_rows: int | None = None) -> Path:
-    """One HTML file (images embedded) with a sortable, filterable row per sample.
+                      bad_samples: Sequence[Mapping] = (), thumb_size: int = 96, max_rows: int | None = None,
+                      full_results: str | None = "per_sample.jsonl") -> Path:
+    """Write one self-contained HTML page showing what a model got right and wrong on a dataset.
 
-    Rows: ``id``, ``images`` (paths), ``instruction``, ``prediction``, ``references``, ``scores``.
-    ``max_rows`` caps very large reports; per_sample.jsonl beside the report keeps everything.
+    Args:
+        path: the ``.html`` file to write (atomically; parent folders are created).
+        title: page title, e.g. ``"dataset (task)"``.
+        rows: one mapping per sample with ``id``, ``images`` (file paths; missing or unreadable files get a
+            placeholder), ``instruction``, ``prediction``, ``references`` (list of str) and ``scores``
+            (metric name -> float).
+        summary: dataset-level metrics, shown in a table at the top.
+        bad_samples: samples dropped when loading, each with ``index``, ``id`` and ``reason``.
+        thumb_size: longest side of the embedded JPEG thumbnails, in pixels.
+        max_rows: show only the first ``max_rows`` samples (``None``: all). Each thumbnail costs a few KB,
+            so this keeps reports of very large datasets openable in a browser; the summary still covers
+            every sample and the page says that rows were left out.
+        full_results: where the per-sample scores of all samples are, named in the page when ``max_rows``
+            leaves rows out (``None``: name nothing).
+
+    Returns:
+        ``path`` as a ``Path``.
     """
     path = Path(path)
-    shown = list(rows)[:max_rows] if max_rows else list(rows)
-    metrics = list(summary)
-    cache: dict[str, str] = {}
-    esc = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>",
-             f"<style>{_STYLE}</style></head><body><h1>{esc(title)}</h1>",
-             "<table class='summary'><tr>" + "".join(f"<td><b>{esc(k)}</b> {v:.2f}</td>" for k, v in summary.items())
-             + f"<td><b>samples</b> {len(rows)}</td></tr></table>"]
-    if len(shown) < len(rows):
-        parts.append(f"<p>Showing the first {len(shown)} of {len(rows)} samples; all of them are in "
-                     "per_sample.jsonl.</p>")
+    shown = rows[:max_rows] if max_rows is not None else rows
+    metrics = _metric_columns(summary, shown)
+    thumbs = _thumbnails([str(p) for r in shown for p in _as_list(r.get("images"))], thumb_size)
+    # Each distinct image is embedded once, as a CSS class, however many rows show it.
+    classes = {p: f"t{k}" for k, p in enumerate(sorted(p for p, t in thumbs.items() if t is not None))}
+
+    out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+           "<meta name='viewport' content='width=device-width,initial-scale=1'>",
+           f"<title>{_esc(title)}</title><style>{_STYLE}"]
+    for p, cls in classes.items():
+        w, h, data = thumbs[p]
+        out.append(f".{cls}{{width:{w}px;height:{h}px;background-image:url(data:image/jpeg;base64,{data})}}\n")
+    out.append(f".missing{{width:{thumb_size}px;height:{max(24, thumb_size * 2 // 3)}px}}</style></head><body>")
+    out.append(f"<h1>{_esc(title)}</h1>")
+
+    out.append("<table class='summary'><tbody>")
+    for k, v in summary.items():
+        out.append(f"<tr><th>{_esc(str(k))}</th><td>{_esc(_fmt(v))}</td></tr>")
+    out.append(f"<tr><th>samples</th><td>{len(rows)}</td></tr>")
     if bad_samples:
-        parts.append(f"<details><summary>{len(bad_samples)} bad samples skipped</summary><ul>"
-                     + "".join(f"<li>#{b['index']} id {esc(str(b['id']))}: {esc(str(b['reason']))}</li>"
-                               for b in bad_samples) + "</ul></details>")
-    parts.append("<input id='filter' placeholder='filter rows by text'>")
-    head = ["id", "images", "instruction", "prediction", "references", *metrics]
-    parts.append("<table id='rows'><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head)
-                 + "</tr></thead><tbody>")
+        out.append(f"<tr><th>bad samples (skipped)</th><td>{len(bad_samples)}</td></tr>")
+    out.append("</tbody></table>")
+
+    if len(shown) < len(rows):
+        where = f" The per-sample scores of all of them are in {_esc(full_results)} next to this file." \
+            if full_results else ""
+        out.append(f"<p class='note'>Only the first {len(shown)} of {len(rows)} samples are shown (max_rows)."
+                   f"{where}</p>")
+    if bad_samples:
+        # Open by default while the list is short enough to read at a glance.
+        out.append(f"<details{' open' if len(bad_samples) <= 20 else ''}><summary>{len(bad_samples)} bad "
+                   "samples were skipped when loading</summary><ul>")
+        for b in bad_samples:
+            out.append(f"<li>#{_esc(str(b.get('index', '?')))} id {_esc(str(b.get('id', '?')))}: "
+                       f"{_esc(str(b.get('reason', '')))}</li>")
+        out.append("</ul></details>")
+
+    out.append("<div class='bar'><input id='filter' type='search' placeholder='filter rows by text…' "
+               "autocomplete='off'><span id='count'></span></div>")
+    head = [("id", "text", ""), ("images", "num", "sort by number of images"), ("instruction", "text", ""),
+            ("prediction", "text", ""), ("words", "num", "number of words in the prediction"),
+            ("references", "text", "")] + [(m, "num", "") for m in metrics]
+    out.append("<table id='rows'><thead><tr>")
+    for name, kind, tip in head:
+        tip_attr = f" title='{_esc(tip)}'" if tip else ""
+        out.append(f"<th data-type='{kind}'{tip_attr}>{_esc(name)}</th>")
+    out.append("</tr></thead><tbody>")
     for r in shown:
-        thumbs = "".join(f"<figure>{_thumbnail(str(p), thumb_size, cache)}<figcaption>{k + 1}</figcaption></figure>"
-                         for k, p in enumerate(r["images"]))
-        refs = "<br>".join(esc(x) for x in r["references"])
-        scores = "".join(f"<td data-v='{r['scores'].get(m, '')}'>{r['scores'].get(m, float('nan')):.2f}</td>"
-                         for m in metrics)
-        parts.append(f"<tr><td>{esc(str(r['id']))}</td><td class='thumbs'>{thumbs}</td>"
-                     f"<td class='instr'>{esc(r['instruction'])}</td><td class='pred'>{esc(r['prediction'])}</td>"
-                     f"<td>{refs}</td>{scores}</tr>")
-    parts.append(f"</tbody></table><script>{_SCRIPT}</script></body></html>")
-    _atomic_write(path, "".join(parts))
+        out.append(_row(r, metrics, thumbs, classes))
+    out.append("</tbody></table>")
+    if not shown:
+        out.append("<p>No samples.</p>")
+    out.append(f"<script>{_SCRIPT}</script></body></html>\n")
+    _atomic_write(path, "".join(out).encode("utf-8"))
     return path
 
 
-def _atomic_write(path: Path, text: str | bytes) -> None:
+def _row(r: Mapping, metrics: list[str], thumbs: dict[str, tuple[int, int, str] | None],
+         classes: dict[str, str]) -> str:
+    images = _as_list(r.get("images"))
+    figs = []
+    for k, p in enumerate(images, start=1):
+        p = str(p)
+        name = _esc(Path(p).name)
+        if p in classes:
+            cell = f"<i class='t {classes[p]}' title='{_esc(p)}'></i>"
+        else:
+            why = "missing" if not os.path.exists(p) else "unreadable"
+            cell = f"<span class='missing' title='{_esc(p)}'>{why}: {name}</span>"
+        figs.append(f"<figure>{cell}<figcaption>#{k}</figcaption></figure>")
+    prediction = str(r.get("prediction") or "")
+    refs = "".join(f"<div>{_esc(str(x))}</div>" for x in _as_list(r.get("references")))
+    scores = r.get("scores") or {}
+    cells = []
+    for m in metrics:
+        v = scores.get(m)
+        if _is_number(v) and math.isfinite(v):
+            cells.append(f"<td class='num' data-v='{v!r}'>{v:.2f}</td>")
+        else:
+            cells.append("<td class='num' data-v=''>–</td>")
+    return (f"<tr><td>{_esc(str(r.get('id', '')))}</td><td class='imgs' data-v='{len(images)}'>{''.join(figs)}</td>"
+            f"<td class='txt'>{_esc(str(r.get('instruction') or ''))}</td><td class='txt pred'>{_esc(prediction)}</td>"
+            f"<td class='num'>{len(prediction.split())}</td><td class='refs'>{refs}</td>{''.join(cells)}</tr>\n")
+
+
+def _metric_columns(summary: Mapping[str, object], rows: Sequence[Mapping]) -> list[str]:
+    """Score columns: the summary's metrics in its order, then any per-sample metric it does not name."""
+    cols = [k for k, v in summary.items() if _is_number(v)]
+    seen = set(cols)
+    extra: list[str] = []
+    for r in rows:
+        for k in r.get("scores") or {}:
+            if k not in seen:
+                seen.add(k)
+                extra.append(k)
+    # Per-sample score names define the columns; summary-only entries (counts, timings) are not columns.
+    in_rows = {k for r in rows for k in (r.get("scores") or {})}
+    if in_rows:
+        cols = [k for k in cols if k in in_rows]
+    return cols + extra
+
+
+def _thumbnails(paths: list[str], size: int) -> dict[str, tuple[int, int, str] | None]:
+    """Thumbnail every distinct path once: (width, height, base64 JPEG), or None when it cannot be read."""
+    unique = list(dict.fromkeys(paths))
+    if not unique:
+        return {}
+    # Pillow releases the GIL while decoding and encoding, so threads speed up reports with many images.
+    workers = min(8, os.cpu_count() or 1, len(unique))
+    if workers == 1:
+        return {p: _thumbnail(p, size) for p in unique}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(zip(unique, pool.map(lambda p: _thumbnail(p, size), unique)))
+
+
+def _thumbnail(path: str, size: int) -> tuple[int, int, str] | None:
+    try:
+        with Image.open(path) as im:
+            # JPEG can decode straight at a reduced scale, which is most of the cost for camera photos.
+            im.draft("RGB", (size, size))
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                # Transparent areas would turn black in a JPEG; put them on white instead.
+                rgba = im.convert("RGBA")
+                im = Image.new("RGB", rgba.size, "white")
+                im.paste(rgba, mask=rgba.getchannel("A"))
+            else:
+                im = im.convert("RGB")
+            im.thumbnail((size, size))
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=75)
+            return im.width, im.height, base64.b64encode(buf.getvalue()).decode("ascii")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def _as_list(value: object) -> list:
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes, os.PathLike)):
+        return [value]
+    return list(value)  # type: ignore[call-overload]
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, bool) or not _is_number(v):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if v == 0 or not math.isfinite(v) or abs(v) >= 0.01:
+        return f"{v:.2f}"
+    return f"{v:.3g}"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Readers (a browser, a sync job) never see half a file: write a temp file beside it, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(text.encode() if isinstance(text, str) else text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        # mkstemp creates the file 0600; give the report the permissions an ordinary new file would get.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def plot_curves(jsonl_path: str | Path, png_path: str | Path, *, x: str = "step") -> Path | None:
-    """One panel per numeric field of a JSONL log (loss, lr, then the rest) against ``x``."""
-    try:
-        import matplotlib
+    """Draw one panel per numeric field of a JSONL log against ``x`` and save it as a PNG.
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    Lines may carry different fields (training lines: ``loss``, ``lr``, ...; evaluation lines:
+    ``eval/<dataset>/<metric>``). Panels come as ``loss``, ``lr``, then the rest sorted by name. Lines
+    that are not JSON objects (e.g. a last line torn by a crash), lines without a numeric ``x`` and
+    non-numeric values are skipped; when a step was logged twice (a resumed run), the last value wins.
+
+    Returns the PNG path, or None (with a warning) when matplotlib is not installed or the log has no
+    numeric field to plot.
+    """
+    try:
+        # Imported here so that the library works without matplotlib; ``import matplotlib`` first, so a
+        # missing package is caught even when a submodule is still cached in sys.modules.
+        import matplotlib
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
-        warnings.warn("plotting the training curves needs matplotlib: pip install matplotlib", stacklevel=2)
+        warnings.warn("plotting training curves needs matplotlib: pip install matplotlib "
+                      f"(skipped {png_path})", stacklevel=2)
         return None
-    series: dict[str, tuple[list, list]] = {}
-    for line in Path(jsonl_path).read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line
-        if x not in record:
-            continue
-        for key, value in record.items():
-            if key != x and isinstance(value, (int, float)) and not isinstance(value, bool):
-                series.setdefault(key, ([], []))
-                series[key][0].append(record[x])
-                series[key][1].append(value)
+    del matplotlib
+
+    series: dict[str, dict[float, float]] = {}
+    with open(jsonl_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(record, dict) or not _is_number(record.get(x)):
+                continue
+            for key, value in record.items():
+                if key != x and _is_number(value):
+                    series.setdefault(key, {})[record[x]] = value
     if not series:
+        warnings.warn(f"no numeric fields to plot in {jsonl_path}", stacklevel=2)
         return None
-    order = [k for k in ("loss", "lr") if k in series] + sorted(k for k in series if k not in ("loss", "lr"))
+
+    first = [k for k in ("loss", "lr") if k in series]
+    order = first + sorted(k for k in series if k not in first)
     cols = min(3, len(order))
-    nrows = (len(order) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3 * nrows), squeeze=False)
+    nrows = -(-len(order) // cols)
+    # A bare Figure with an Agg canvas leaves pyplot's global backend and figure list alone, which matters
+    # when this runs inside a notebook or another program's process.
+    fig = Figure(figsize=(4.6 * cols, 2.9 * nrows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, cols, squeeze=False)
     for ax, key in zip(axes.flat, order):
-        xs, ys = series[key]
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3)
+        points = sorted(series[key].items())
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        # Evaluation fields have a handful of points; markers keep a single one visible.
+        ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, linewidth=1.2)
         ax.set_title(key, fontsize=9)
-        ax.set_xlabel(x)
+        ax.set_xlabel(x, fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        if key == "lr" or key.endswith("/lr"):
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     for ax in list(axes.flat)[len(order):]:
         ax.axis("off")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    _atomic_write(Path(png_path), buf.getvalue())
-    return Path(png_path)
+    png_path = Path(png_path)
+    _atomic_write(png_path, buf.getvalue())
+    return png_path
