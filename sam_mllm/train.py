@@ -270,7 +270,7 @@ def train(cfg: Config) -> Path:
                     loss = model(batch).loss
                     if not torch.isfinite(loss):
                         raise TrainingError(
-                            f"non-finite loss ({loss.item()}) at step {step} on samples {ids}; stopping. "
+                            f"non-finite loss ({loss.item()}) at step {step + 1} on samples {ids}; stopping. "
                             f"The last good checkpoint is {latest_checkpoint(out) or '(none yet)'}.")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and t.grad_clip > 0:

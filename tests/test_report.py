@@ -3,7 +3,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import warnings
 
 import pytest
 from PIL import Image
@@ -98,6 +97,5 @@ def test_plot_curves_without_matplotlib_warns(tmp_path, monkeypatch):
 def test_plot_curves_with_nothing_numeric_returns_none(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text('{"step": 1, "msg": "hi"}\n')
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
+    with pytest.warns(UserWarning, match="no numeric fields"):
         assert plot_curves(log, tmp_path / "c.png") is None

@@ -146,3 +146,27 @@ def test_trained_checkpoint_loads_in_evaluate_and_notebook(data, tmp_path):
                         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert (tmp_path / "ev" / "tiny" / "metrics.json").is_file()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch):
+    from sam_mllm.models.sam import SAMModel
+    from sam_mllm.train import TrainingError
+
+    real_forward = SAMModel.forward
+    calls = {"n": 0}
+
+    def forward(self, batch):
+        out = real_forward(self, batch)
+        calls["n"] += 1
+        if calls["n"] > 8:  # 2 micro-batches per step: step 5 goes bad
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(SAMModel, "forward", forward)
+    cfg = load_config(None, _overrides(data, tmp_path / "nan", ["train.max_steps=8", "train.save_every=2"]))
+    with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 5 .*last good checkpoint is .*step_0000004"):
+        train(cfg)
+    ckpt = latest_checkpoint(tmp_path / "nan")
+    assert ckpt.name == "step_0000004"
+    state = load_file(str(ckpt / "adapter.safetensors"))
+    assert all(torch.isfinite(v).all() for v in state.values())
