@@ -134,8 +134,9 @@ def write_html_report(path: str | Path, *, title: str, rows: Sequence[Mapping], 
                    f"{where}</p>")
     if bad_samples:
         # Open by default while the list is short enough to read at a glance.
-        out.append(f"<details{' open' if len(bad_samples) <= 20 else ''}><summary>{len(bad_samples)} bad "
-                   "samples were skipped when loading</summary><ul>")
+        n_bad = len(bad_samples)
+        out.append(f"<details{' open' if n_bad <= 20 else ''}><summary>{n_bad} bad sample"
+                   f"{' was' if n_bad == 1 else 's were'} skipped when loading</summary><ul>")
         for b in bad_samples:
             out.append(f"<li>#{_esc(str(b.get('index', '?')))} id {_esc(str(b.get('id', '?')))}: "
                        f"{_esc(str(b.get('reason', '')))}</li>")
@@ -169,7 +170,7 @@ def _row(r: Mapping, metrics: list[str], thumbs: dict[str, tuple[int, int, str] 
         p = str(p)
         name = _esc(Path(p).name)
         if p in classes:
-            cell = f"<i class='t {classes[p]}' title='{_esc(p)}'></i>"
+            cell = f"<i class='t {classes[p]}' role='img' aria-label='image #{k}' title='{_esc(p)}'></i>"
         else:
             why = "missing" if not os.path.exists(p) else "unreadable"
             cell = f"<span class='missing' title='{_esc(p)}'>{why}: {name}</span>"
@@ -190,20 +191,13 @@ def _row(r: Mapping, metrics: list[str], thumbs: dict[str, tuple[int, int, str] 
 
 
 def _metric_columns(summary: Mapping[str, object], rows: Sequence[Mapping]) -> list[str]:
-    """Score columns: the summary's metrics in its order, then any per-sample metric it does not name."""
-    cols = [k for k, v in summary.items() if _is_number(v)]
-    seen = set(cols)
-    extra: list[str] = []
-    for r in rows:
-        for k in r.get("scores") or {}:
-            if k not in seen:
-                seen.add(k)
-                extra.append(k)
-    # Per-sample score names define the columns; summary-only entries (counts, timings) are not columns.
-    in_rows = {k for r in rows for k in (r.get("scores") or {})}
-    if in_rows:
-        cols = [k for k in cols if k in in_rows]
-    return cols + extra
+    """Score columns: the per-sample metrics, in the summary's order first, then the others as they come.
+
+    Summary entries that no sample has (counts, timings) are not columns.
+    """
+    in_rows = list(dict.fromkeys(k for r in rows for k in (r.get("scores") or {})))
+    first = [k for k, v in summary.items() if _is_number(v) and k in in_rows]
+    return first + [k for k in in_rows if k not in first]
 
 
 def _thumbnails(paths: list[str], size: int) -> dict[str, tuple[int, int, str] | None]:
@@ -327,11 +321,16 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path, *, x: str = "step"
     fig = Figure(figsize=(4.6 * cols, 2.9 * nrows))
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, cols, squeeze=False)
+    # One x range for every panel, so that sparse evaluation points line up with the training curves.
+    all_x = [step for points in series.values() for step in points]
+    lo, hi = min(all_x), max(all_x)
+    pad = (hi - lo) * 0.03 or 1
     for ax, key in zip(axes.flat, order):
         points = sorted(series[key].items())
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         # Evaluation fields have a handful of points; markers keep a single one visible.
         ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, linewidth=1.2)
+        ax.set_xlim(lo - pad, hi + pad)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel(x, fontsize=8)
         ax.tick_params(labelsize=8)
