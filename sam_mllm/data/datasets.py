@@ -39,6 +39,8 @@ _DATASETS = [
     DatasetInfo("synthetic_change_captioning", "change_captioning", "synthetic/change_captioning/test",
                 "synthetic", paper=False),
     DatasetInfo("synthetic_mmlink", "group_captioning", "synthetic/mmlink/train", "synthetic", paper=False),
+    # Held-out MmLINK-style pairs: the training task itself, on unseen scenes.
+    DatasetInfo("synthetic_mmlink_test", "group_captioning", "synthetic/mmlink/test", "synthetic", paper=False),
 ]
 
 for _info in _DATASETS:
