@@ -154,16 +154,55 @@ def gpu_peak_tflops(device: torch.device) -> float | None:
     return None
 
 
+def _patches(model: SAMModel) -> int:
+    cfg = model.config.vision_config
+    return (cfg.image_size // cfg.patch_size) ** 2 + 1
+
+
+def vision_flops(model: SAMModel, batch: dict) -> float:
+    """2 x ViT params per patch token of every present image."""
+    vit = sum(p.numel() for p in model.vision_model.parameters())
+    return 2 * vit * _patches(model) * int(batch["image_mask"].sum())
+
+
 def useful_flops(model: SAMModel, batch: dict) -> float:
     """2 x ViT params per patch token + 4 x LLM params per LLM token + 6 x trainable params per LLM token."""
-    cfg = model.config
-    patches = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 + 1
     n_images = int(batch["image_mask"].sum())
     llm_tokens = n_images * model.num_query_tokens + int(batch["attention_mask"].sum())
-    vit = sum(p.numel() for p in model.vision_model.parameters())
     llm = sum(p.numel() for p in model.language_model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return 2 * vit * patches * n_images + 4 * llm * llm_tokens + 6 * trainable * llm_tokens
+    return vision_flops(model, batch) + 4 * llm * llm_tokens + 6 * trainable * llm_tokens
+
+
+def qformer_layer_flops(model: SAMModel, layer: torch.nn.Module, text_tokens: int) -> float:
+    """Matmul FLOPs of one Q-Former layer for one image: queries and prompt through self-attention,
+    queries through cross-attention (keys/values projected from every patch) and the query FFN,
+    the prompt through the text FFN. Attention-score FLOPs are left out (small at these sizes)."""
+    nq, patches = model.num_query_tokens, _patches(model)
+    flops = 0.0
+    for name, p in layer.named_parameters():
+        if name.startswith("attention."):
+            flops += 2 * p.numel() * (nq + text_tokens)
+        elif name.startswith("crossattention."):
+            flops += 2 * p.numel() * (patches if (".key." in name or ".value." in name) else nq)
+        elif name.startswith(("intermediate_query.", "output_query.")):
+            flops += 2 * p.numel() * nq
+        elif name.startswith(("intermediate.", "output.")):
+            flops += 2 * p.numel() * text_tokens
+    return flops
+
+
+def perception_flops(model: SAMModel, num_images: int, text_tokens: int) -> tuple[float, float]:
+    """(batched, released order) matmul FLOPs of one sample's perception with ``context: all``.
+
+    Both run the ViT and the Q-stream once per image; the released order also runs the W-stream's
+    layers 0..k once per image, where we run layers below l once per sample."""
+    vit = 2 * sum(p.numel() for p in model.vision_model.parameters()) * _patches(model)
+    layers = [qformer_layer_flops(model, layer, text_tokens) for layer in model.qformer.encoder.layer]
+    q_stream, l, k = sum(layers), model.guide_in_layer, model.guide_out_layer
+    batched = num_images * (vit + q_stream + sum(layers[l:k + 1])) + sum(layers[:l])
+    released = num_images * (vit + q_stream + sum(layers[:k + 1]))
+    return batched, released
 
 
 def run(preset: str, batch_size: int, image_counts: list[int], repeats: int, device: torch.device,
@@ -209,7 +248,9 @@ def run(preset: str, batch_size: int, image_counts: list[int], repeats: int, dev
 
             t_ours = timeit(ours, device, repeats)
             t_rel = timeit(lambda b=batch: released_order(sam, b), device, repeats)
-            rows.append({"N": n, "batched_s": t_ours, "released_order_s": t_rel, "speedup": t_rel / t_ours})
+            f_ours, f_rel = perception_flops(sam, n, batch["qformer_input_ids"].shape[1])
+            rows.append({"N": n, "batched_s": t_ours, "released_order_s": t_rel, "speedup": t_rel / t_ours,
+                         "flop_ceiling": f_rel / f_ours})
             print(json.dumps(rows[-1]))
         report["sections"]["batched_vs_released_order"] = rows
         sam.train()
@@ -242,12 +283,30 @@ def run(preset: str, batch_size: int, image_counts: list[int], repeats: int, dev
             cached = {k: v for k, v in batch.items() if k != "pixel_values"} | {"image_embeds": feats}
             t_pix = timeit(train_step(sam, batch), device, repeats)
             t_cache = timeit(train_step(sam, cached), device, repeats)
-            rows.append({"N": n, "pixels_step_s": t_pix, "cached_step_s": t_cache, "speedup": t_pix / t_cache})
+            total = useful_flops(sam, batch)
+            rows.append({"N": n, "pixels_step_s": t_pix, "cached_step_s": t_cache, "speedup": t_pix / t_cache,
+                         "flop_ceiling": total / (total - vision_flops(sam, batch))})
             print(json.dumps(rows[-1]))
         report["sections"]["feature_cache"] = rows
 
     report["peak_memory_mb"] = peak_memory_mb(device)
     return report
+
+
+def flop_ceilings(preset: str, batch_size: int, image_counts: list[int]) -> dict:
+    """The best ratios the FLOP counts allow, from a model on the meta device (no weights, no time):
+    batched vs released-order perception, and a training step from cached features vs pixels."""
+    sam = build_model(ModelConfig(name="sam", dims=preset), device="meta")
+    rows = []
+    for n in image_counts:
+        batch = make_batch(sam, batch_size, n, torch.device("cpu"))
+        f_ours, f_rel = perception_flops(sam, n, batch["qformer_input_ids"].shape[1])
+        total, vit = useful_flops(sam, batch), vision_flops(sam, batch)
+        rows.append({"N": n, "vit_gflop_per_image": vit / n / batch_size / 1e9,
+                     "perception_ceiling": f_rel / f_ours, "vision_share_of_step": vit / total,
+                     "cache_ceiling": total / (total - vit)})
+    return {"preset": preset, "batch_size": batch_size, "device": "FLOP counts (meta device)",
+            "sections": {"flop_ceilings": rows}}
 
 
 def describe(device: torch.device) -> str:
@@ -264,7 +323,8 @@ def to_markdown(report: dict) -> str:
         for r in rows:
             lines.append("| " + " | ".join(_fmt(r[k]) for k in keys) + " |")
         lines.append("")
-    lines.append(f"peak memory: {report['peak_memory_mb']:.0f} MiB")
+    if "peak_memory_mb" in report:
+        lines.append(f"peak memory: {report['peak_memory_mb']:.0f} MiB")
     return "\n".join(lines)
 
 
@@ -284,10 +344,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gen-tokens", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None, help="write the report as JSON (and .md beside it)")
+    p.add_argument("--flops-only", action="store_true",
+                   help="print the FLOP ceilings of the perception and cache ratios, timing nothing")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    report = run(args.preset, args.batch_size, [int(x) for x in args.images.split(",")], args.repeats,
-                 torch.device(args.device), set(args.sections.split(",")), args.gen_tokens)
+    counts = [int(x) for x in args.images.split(",")]
+    if args.flops_only:
+        report = flop_ceilings(args.preset, args.batch_size, counts)
+    else:
+        report = run(args.preset, args.batch_size, counts, args.repeats, torch.device(args.device),
+                     set(args.sections.split(",")), args.gen_tokens)
     md = to_markdown(report)
     print(md)
     if args.out:

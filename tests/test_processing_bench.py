@@ -11,7 +11,7 @@ import torch
 from conftest import make_batch, make_model
 from PIL import Image
 
-from sam_mllm.bench import released_order
+from sam_mllm.bench import flop_ceilings, perception_flops, qformer_layer_flops, released_order
 from sam_mllm.data.processing import CLIP_MEAN, CLIP_STD, ImageTransform
 from sam_mllm.data.sampling import MixtureOrder, step_positions
 
@@ -80,3 +80,21 @@ def test_released_order_computes_what_perceive_computes(tiny_backbone, tokenizer
         ours = model._visual_tokens(batch).visual_tokens.flatten(1, 2)
         theirs = released_order(model, batch)
     assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_perception_flops_count_the_w_stream_the_released_loop_repeats(tiny_backbone, tokenizers):
+    model = make_model(tiny_backbone, tokenizers)  # l = k = last layer
+    layers = [qformer_layer_flops(model, layer, 24) for layer in model.qformer.encoder.layer]
+    assert all(f > 0 for f in layers)
+    ours, theirs = perception_flops(model, 1, 24)
+    assert ours == theirs  # one image: the same work in either order
+    ours, theirs = perception_flops(model, 5, 24)
+    assert theirs - ours == pytest.approx(4 * sum(layers[:-1]))  # W-stream below l, 4 extra times
+
+
+def test_flop_ceilings_at_7b_dimensions_need_no_weights():
+    rows = flop_ceilings("7b", 2, [1, 5])["sections"]["flop_ceilings"]
+    assert rows[0]["perception_ceiling"] == pytest.approx(1.0)
+    assert 1.0 < rows[1]["perception_ceiling"] < 1.1  # the ViT dominates perception at 7B
+    assert 1.2 < rows[1]["cache_ceiling"] < 1.6  # the "about 1.4x" ceiling
+    assert rows[1]["vit_gflop_per_image"] == pytest.approx(2 * 986e6 * 257 / 1e9, rel=0.05)
