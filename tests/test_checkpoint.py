@@ -142,3 +142,28 @@ def test_adapter_from_another_variant_is_refused(tiny_backbone, tokenizers, tmp_
     save_trainable(make_model(tiny_backbone, tokenizers), tmp_path)
     with pytest.raises(CheckpointError, match="keys not in the model.*w_in"):
         load_trainable(make_model(tiny_backbone, tokenizers, guidance="none"), tmp_path)
+
+
+def test_convert_script_writes_a_loadable_adapter_folder(tiny_backbone, tokenizers, tmp_path):
+    import importlib.util
+
+    import sam_mllm
+
+    spec = importlib.util.spec_from_file_location("convert_lavis", Path(__file__).parents[1] / "scripts"
+                                                  / "convert_lavis_checkpoint.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    full = _lavis_state_dict(make_model(tiny_backbone, tokenizers))
+    # What the released SAM checkpoint holds: the trained parts and the Q-Former, no ViT or LLM.
+    released = {k: v for k, v in full.items() if not k.startswith(("visual_encoder.", "ln_vision", "llm_model."))}
+    torch.save({"model": released}, tmp_path / "sam.pth")
+    out = tmp_path / "converted"
+    script.main(["--src", str(tmp_path / "sam.pth"), "--out", str(out), "--dims", "tiny", "model.dims=tiny",
+                 "model.dtype=float32"])
+    pipe = sam_mllm.load_model(checkpoint=str(out))
+    assert torch.equal(pipe.model.w_in.weight, released["Qformer.bert.encoder.one_2_muliple.0.weight"])
+    assert torch.equal(pipe.model.patch_weight.weight, released["attn.weight"])
+    assert torch.equal(pipe.model.qformer.encoder.layer[0].attention.attention.query.weight,
+                       released["Qformer.bert.encoder.layer.0.attention.self.query.weight"])
+    with pytest.raises(CheckpointError, match="shapes do not fit dims=7b"):
+        script.main(["--src", str(tmp_path / "sam.pth"), "--out", str(tmp_path / "x"), "--dims", "7b"])

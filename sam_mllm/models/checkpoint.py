@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -126,9 +127,9 @@ def save_trainable(model: torch.nn.Module, directory: str | Path, config_yaml: s
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    _atomic(directory / ADAPTER_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "sam_mllm"}))
+    atomic_write(directory / ADAPTER_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "sam_mllm"}))
     if config_yaml is not None:
-        _atomic(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_yaml))
+        atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_yaml))
     return directory / ADAPTER_FILE
 
 
@@ -144,7 +145,8 @@ def load_trainable(model: torch.nn.Module, path: str | Path) -> list[str]:
     return _load_into(model, {k: v.to(device) for k, v in state.items()}, str(path), strict=False)
 
 
-def _atomic(target: Path, write) -> None:
+def atomic_write(target: Path, write: Callable[[str], object]) -> None:
+    """Run ``write(tmp)`` on a temporary file beside ``target``, then rename it over ``target``."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -157,4 +159,4 @@ def _atomic(target: Path, write) -> None:
 
 def write_json_atomic(path: str | Path, obj) -> None:
     path = Path(path)
-    _atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1)))
