@@ -22,13 +22,15 @@ VARIANTS = {"+DATA": "demo/data", "SAM": "demo/sam"}
 METRICS = ("ROUGE_L", "CIDEr", "BLEU_4")
 
 
-def ensure_data(data_root: Path, seed: int) -> None:
+def ensure_data(data_root: Path, seed: int, mmlink_instructions: str = "fixed") -> None:
     from sam_mllm.data.synthetic import generate
 
     manifest = data_root / "synthetic" / "manifest.json"
-    if manifest.is_file() and json.loads(manifest.read_text()).get("seed") == seed:
-        return
-    generate(data_root / "synthetic", seed=seed)
+    if manifest.is_file():
+        found = json.loads(manifest.read_text())
+        if found.get("seed") == seed and found.get("mmlink_instructions", "fixed") == mmlink_instructions:
+            return
+    generate(data_root / "synthetic", seed=seed, mmlink_instructions=mmlink_instructions)
 
 
 def run_variant(config: str, out: Path, seed: int, extra: list[str]) -> tuple[Config, dict]:

@@ -1,6 +1,7 @@
 """The synthetic-world version of the paper's Table 3, over several seeds -> docs/RESULTS.md.
 
-    python scripts/results_table.py [--seeds 0 1 2] [--out runs/results] [key=value ...]
+    python scripts/results_table.py [--seeds 0 1 2] [--out runs/results] [--mmlink-instructions diverse]
+        [key=value ...]
 
 For each seed: a fresh synthetic world (generator seed = run seed), then zero-shot InstructBLIP,
 +DATA, +BSG, +LIN and SAM (configs/demo/*.yaml) trained on its MmLINK split and evaluated on the
@@ -28,13 +29,15 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="runs/results")
     p.add_argument("--table", default="docs/results_table.md")
+    p.add_argument("--mmlink-instructions", default="fixed", choices=["fixed", "diverse"],
+                   help="phrasings of the MmLINK training question (sam_mllm.data.synthetic)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
     start = time.monotonic()
     raw: dict[str, dict[int, dict]] = {row: {} for row in ROWS}
     for seed in args.seeds:
         base = Path(args.out) / f"seed{seed}"
-        ensure_data(base / "data", seed)
+        ensure_data(base / "data", seed, args.mmlink_instructions)
         for row, config in ROWS.items():
             slug = config.split("/")[1]
             _, raw[row][seed] = run_variant(config, base / slug, seed, args.overrides)

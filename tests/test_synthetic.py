@@ -68,3 +68,25 @@ def test_tasks_are_what_they_say(world):
         changed = (np.abs(a - b).sum(-1) > 0).mean()
         assert 0 < changed < 0.5, (s["output"], changed)  # one object differs, the scene stays
         assert any(w in s["output"] for w in ("added", "removed", "moved", "turned"))
+
+
+def test_diverse_mmlink_instructions_change_only_the_instructions(world, tmp_path):
+    from sam_mllm.data.synthetic import GROUP_INSTRUCTION, MMLINK_INSTRUCTIONS_DIVERSE
+
+    sizes = {"mmlink": {"train": 40, "val": 0, "test": 0}}
+    generate(tmp_path / "fixed", seed=3, sizes=sizes, datasets=["mmlink"], workers=1)
+    generate(tmp_path / "diverse", seed=3, sizes=sizes, datasets=["mmlink"], workers=1, mmlink_instructions="diverse")
+    images = lambda root: {k: v for k, v in _digest(root / "mmlink").items() if k.endswith(".png")}  # noqa: E731
+    assert images(tmp_path / "fixed") == images(tmp_path / "diverse")
+    fixed, diverse = (json.loads((tmp_path / r / "mmlink" / "train" / "annotations.json").read_text())
+                      for r in ("fixed", "diverse"))
+    assert [s["output"] for s in fixed] == [s["output"] for s in diverse]
+    assert {s["instruction"] for s in diverse} <= set(MMLINK_INSTRUCTIONS_DIVERSE)
+    assert len({s["instruction"] for s in diverse}) > 8 > len({s["instruction"] for s in fixed})
+    vocab, group_words = set(vocabulary()), {"sum", "common", "factor", "statement"}
+    for text in MMLINK_INSTRUCTIONS_DIVERSE:
+        assert set(tokenize_words(text)) <= vocab and not set(tokenize_words(text)) & group_words, text
+    assert group_words <= set(tokenize_words(GROUP_INSTRUCTION))
+    assert json.loads((tmp_path / "diverse" / "manifest.json").read_text())["mmlink_instructions"] == "diverse"
+    with pytest.raises(ValueError, match="mmlink_instructions"):
+        generate(tmp_path / "x", sizes=sizes, datasets=["mmlink"], mmlink_instructions="many")

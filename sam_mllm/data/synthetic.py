@@ -49,6 +49,17 @@ CHANGE_INSTRUCTION = "What's the difference between 2 images? {image#1}{image#2}
 STORY_INSTRUCTION = "Given the stories paired with the first several images, can you finish the story based on the last image?"
 MMLINK_INSTRUCTIONS = ("What object appears in both images?", "Describe the object the two pictures share.",
                        "Which object can be seen in both pictures?", "Name the thing that is in every image.")
+# ``mmlink_instructions="diverse"``: sixteen phrasings of MmLINK's question, written only with words
+# of the fixed vocabulary (the committed backbone's tokenisers) and without the group-captioning
+# template's own words ("sum", "common", "factor", "statement"), so that task stays zero-shot.
+MMLINK_INSTRUCTIONS_DIVERSE = MMLINK_INSTRUCTIONS + (
+    "What thing is in every picture?", "Which object can be seen in these two images?",
+    "Name the object that appears in every picture.", "What object can be seen in these two pictures?",
+    "Describe the thing these images share.", "Which thing appears in both images?",
+    "What is the object in every image?", "Name the object that can be seen in both images.",
+    "Describe the object that is in these two images.", "Which object is in every image?",
+    "Write the name of the object the images share.", "Describe the thing that can be seen in every image.")
+MMLINK_INSTRUCTION_SETS = {"fixed": MMLINK_INSTRUCTIONS, "diverse": MMLINK_INSTRUCTIONS_DIVERSE}
 STORY_CAPTIONS = ("the {obj} is {ctx}.", "now the {obj} is {ctx}.", "then the {obj} goes {ctx}.",
                   "later the {obj} rests {ctx}.")
 PRETRAIN_QUESTIONS = ("Describe the image.", "What is the colour of the {shape}?", "What shape is {colour}?",
@@ -85,7 +96,7 @@ def vocabulary() -> list[str]:
              " ".join(CONTEXTS), " ".join(NUMBER_WORDS), " ".join(DIRECTIONS), "0 1 2 3 4 5 6 7 8 9 , ."]
     from sam_mllm.tasks import STORY_TEMPLATES
 
-    texts += list(STORY_TEMPLATES)
+    texts += list(STORY_TEMPLATES) + list(MMLINK_INSTRUCTIONS_DIVERSE)  # last: adds no word, keeps the order
     seen: dict[str, None] = {}
     for t in texts:
         for w in tokenize_words(t.replace("{", " { ").replace("}", " } ")):
@@ -355,16 +366,22 @@ _MAKERS = {"mmlink": _sample_mmlink, "group_captioning": _sample_group, "storyte
            "change_captioning": _sample_change, "pretrain": _sample_pretrain}
 
 
-def _write_split(out: Path, d: str, split: str, n: int, seed: int, image_size: int) -> int:
+def _write_split(out: Path, d: str, split: str, n: int, seed: int, image_size: int,
+                 mmlink_instructions: str = "fixed") -> int:
     # One generator per (seed, dataset, split): splits are independent, so they run in parallel
     # and the bytes do not depend on the number of workers.
     rng = np.random.default_rng([seed, DATASETS.index(d), SPLITS.index(split)])
     world = _World(rng, image_size)
+    # A second generator for the diverse phrasings: the scenes stay byte-identical to "fixed", so
+    # the two instruction sets can be compared on the same images.
+    phrasing = np.random.default_rng([seed, DATASETS.index(d), SPLITS.index(split), 1])
     folder = out / d / split
     (folder / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(n):
         record, images = _MAKERS[d](world, i)
+        if d == "mmlink" and mmlink_instructions == "diverse":
+            record["instruction"] = MMLINK_INSTRUCTIONS_DIVERSE[int(phrasing.integers(len(MMLINK_INSTRUCTIONS_DIVERSE)))]
         sid = f"{d}-{split}-{i:05d}"
         paths = []
         for k, im in enumerate(images):
@@ -377,11 +394,15 @@ def _write_split(out: Path, d: str, split: str, n: int, seed: int, image_size: i
 
 
 def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64,
-             sizes: dict[str, dict[str, int]] | None = None, datasets=None, workers: int | None = None) -> dict:
+             sizes: dict[str, dict[str, int]] | None = None, datasets=None, workers: int | None = None,
+             mmlink_instructions: str = "fixed") -> dict:
     """Write ``{out}/{dataset}/{split}/annotations.json`` + ``images/``; returns the manifest.
 
     ``datasets`` defaults to everything but ``pretrain`` (only the backbone's script needs it).
+    ``mmlink_instructions``: ``fixed`` (four phrasings, the default world) or ``diverse`` (sixteen).
     """
+    if mmlink_instructions not in MMLINK_INSTRUCTION_SETS:
+        raise ValueError(f"mmlink_instructions={mmlink_instructions!r}; choose from {', '.join(MMLINK_INSTRUCTION_SETS)}")
     out = Path(out_dir)
     sizes = {**DEFAULT_SIZES, **(sizes or {})}
     chosen = list(datasets or [d for d in DATASETS if d != "pretrain"])
@@ -395,11 +416,11 @@ def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64,
     bar = tqdm(total=sum(n for *_, n in jobs), desc="synthetic", unit="sample")
     if workers <= 1:
         for d, split, n in jobs:
-            counts[d][split] = _write_split(out, d, split, n, seed, image_size)
+            counts[d][split] = _write_split(out, d, split, n, seed, image_size, mmlink_instructions)
             bar.update(n)
     else:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            futures = {pool.submit(_write_split, out, d, split, n, seed, image_size): (d, split)
+            futures = {pool.submit(_write_split, out, d, split, n, seed, image_size, mmlink_instructions): (d, split)
                        for d, split, n in jobs}
             for fut in as_completed(futures):
                 d, split = futures[fut]
@@ -408,6 +429,8 @@ def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64,
     bar.close()
     counts = {d: {s: counts[d][s] for s in SPLITS if s in counts[d]} for d in chosen}
     manifest = {"generator_version": VERSION, "seed": seed, "image_size": image_size, "counts": counts}
+    if mmlink_instructions != "fixed":  # the default world's manifest stays as it was
+        manifest["mmlink_instructions"] = mmlink_instructions
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -421,10 +444,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--datasets", default=",".join(d for d in DATASETS if d != "pretrain"),
                    help=f"comma-separated, from {', '.join(DATASETS)}")
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU core)")
+    p.add_argument("--mmlink-instructions", default="fixed", choices=list(MMLINK_INSTRUCTION_SETS),
+                   help="phrasings of the MmLINK question: 4 (fixed) or 16 (diverse)")
     args = p.parse_args(argv)
     start = time.monotonic()
     manifest = generate(args.out, seed=args.seed, image_size=args.image_size, datasets=args.datasets.split(","),
-                        workers=args.workers)
+                        workers=args.workers, mmlink_instructions=args.mmlink_instructions)
     print(json.dumps(manifest, indent=1))
     print(f"generated in {time.monotonic() - start:.1f} s")
 
