@@ -159,10 +159,13 @@ def _patches(model: SAMModel) -> int:
     return (cfg.image_size // cfg.patch_size) ** 2 + 1
 
 
+def _vit_flops_per_image(model: SAMModel) -> float:
+    return 2 * sum(p.numel() for p in model.vision_model.parameters()) * _patches(model)
+
+
 def vision_flops(model: SAMModel, batch: dict) -> float:
     """2 x ViT params per patch token of every present image."""
-    vit = sum(p.numel() for p in model.vision_model.parameters())
-    return 2 * vit * _patches(model) * int(batch["image_mask"].sum())
+    return _vit_flops_per_image(model) * int(batch["image_mask"].sum())
 
 
 def useful_flops(model: SAMModel, batch: dict) -> float:
@@ -197,7 +200,7 @@ def perception_flops(model: SAMModel, num_images: int, text_tokens: int) -> tupl
 
     Both run the ViT and the Q-stream once per image; the released order also runs the W-stream's
     layers 0..k once per image, where we run layers below l once per sample."""
-    vit = 2 * sum(p.numel() for p in model.vision_model.parameters()) * _patches(model)
+    vit = _vit_flops_per_image(model)
     layers = [qformer_layer_flops(model, layer, text_tokens) for layer in model.qformer.encoder.layer]
     q_stream, l, k = sum(layers), model.guide_in_layer, model.guide_out_layer
     batched = num_images * (vit + q_stream + sum(layers[l:k + 1])) + sum(layers[:l])

@@ -27,6 +27,7 @@ from sam_mllm.models.checkpoint import (
     CheckpointError,
     atomic_write,
     convert_lavis_state_dict,
+    state_dict_mismatch,
 )
 
 
@@ -39,11 +40,9 @@ def convert(src: Path, out: Path, config: str, dims: str, overrides: list[str]) 
     # Shapes come from a weightless model of the same variant and dimensions.
     sizing = build_model(dataclasses.replace(cfg.model, dims=dims, lavis_checkpoint=None, checkpoint=None),
                          device="meta")
-    own = sizing.state_dict()
-    unexpected = sorted(set(state) - set(own))
+    unexpected, bad, _ = state_dict_mismatch(sizing.state_dict(), state)
     if unexpected:
         raise CheckpointError(f"{src}: keys not in a {cfg.model.name} model: {unexpected[:10]}")
-    bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
     if bad:
         raise CheckpointError(f"{src}: shapes do not fit dims={dims}: {bad[:5]}")
     out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from sam_mllm.data.synthetic import MMLINK_INSTRUCTION_SETS
 from sam_mllm.demo import METRICS, ensure_data, run_variant
 
 ROWS = {"InstructBLIP (zero-shot)": "demo/zeroshot", "+DATA": "demo/data", "+BSG": "demo/bsg",
@@ -29,7 +30,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default="runs/results")
     p.add_argument("--table", default="docs/results_table.md")
-    p.add_argument("--mmlink-instructions", default="fixed", choices=["fixed", "diverse"],
+    p.add_argument("--mmlink-instructions", default="fixed", choices=list(MMLINK_INSTRUCTION_SETS),
                    help="phrasings of the MmLINK training question (sam_mllm.data.synthetic)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()

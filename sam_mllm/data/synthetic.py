@@ -211,8 +211,12 @@ def render_background(context: str, size: int, rng: np.random.Generator) -> Imag
 class _World:
     """Draws objects and scenes from one random generator."""
 
-    def __init__(self, rng: np.random.Generator, image_size: int) -> None:
+    def __init__(self, rng: np.random.Generator, image_size: int, mmlink_instructions: str = "fixed",
+                 phrasing: np.random.Generator | None = None) -> None:
         self.rng, self.size = rng, image_size
+        # The diverse phrasings come from their own generator, so the scenes stay byte-identical
+        # to the fixed world's and the two instruction sets compare on the same images.
+        self.mmlink_instructions, self.phrasing = mmlink_instructions, phrasing
 
     def obj(self, unlike: Iterable[tuple[str, str, str]] = (),
             unused: set[tuple[str, str, str]] = frozenset()) -> tuple[str, str, str]:
@@ -272,6 +276,8 @@ def _sample_mmlink(w: _World, i: int) -> tuple[dict, list[Image.Image]]:
     images = [w.draw(ctx, w.place(w.scene_objects(main, int(w.rng.integers(1, 4)), used)), w.bg_seed())
               for ctx in w.contexts(2)]
     instruction = MMLINK_INSTRUCTIONS[int(w.rng.integers(len(MMLINK_INSTRUCTIONS)))]
+    if w.mmlink_instructions == "diverse":
+        instruction = MMLINK_INSTRUCTIONS_DIVERSE[int(w.phrasing.integers(len(MMLINK_INSTRUCTIONS_DIVERSE)))]
     return {"instruction": instruction, "output": f"a {_name(main)}"}, images
 
 
@@ -370,18 +376,13 @@ def _write_split(out: Path, d: str, split: str, n: int, seed: int, image_size: i
                  mmlink_instructions: str = "fixed") -> int:
     # One generator per (seed, dataset, split): splits are independent, so they run in parallel
     # and the bytes do not depend on the number of workers.
-    rng = np.random.default_rng([seed, DATASETS.index(d), SPLITS.index(split)])
-    world = _World(rng, image_size)
-    # A second generator for the diverse phrasings: the scenes stay byte-identical to "fixed", so
-    # the two instruction sets can be compared on the same images.
-    phrasing = np.random.default_rng([seed, DATASETS.index(d), SPLITS.index(split), 1])
+    key = [seed, DATASETS.index(d), SPLITS.index(split)]
+    world = _World(np.random.default_rng(key), image_size, mmlink_instructions, np.random.default_rng([*key, 1]))
     folder = out / d / split
     (folder / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(n):
         record, images = _MAKERS[d](world, i)
-        if d == "mmlink" and mmlink_instructions == "diverse":
-            record["instruction"] = MMLINK_INSTRUCTIONS_DIVERSE[int(phrasing.integers(len(MMLINK_INSTRUCTIONS_DIVERSE)))]
         sid = f"{d}-{split}-{i:05d}"
         paths = []
         for k, im in enumerate(images):

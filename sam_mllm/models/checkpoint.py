@@ -103,16 +103,21 @@ def load_lavis_checkpoint(model: torch.nn.Module, path: str | Path | dict, stric
     return _load_into(model, converted, source, strict)
 
 
-def _load_into(model: torch.nn.Module, state: dict[str, Tensor], source: str, strict: bool) -> list[str]:
-    own = model.state_dict()
+def state_dict_mismatch(own: dict[str, Tensor], state: dict[str, Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """How ``state`` fits a model whose state dict is ``own`` (a meta-device model's will do):
+    (keys the model lacks, ``"key: checkpoint (..) vs model (..)"`` shape mismatches, keys ``state`` lacks)."""
     unexpected = sorted(set(state) - set(own))
+    bad_shape = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                 for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    return unexpected, bad_shape, sorted(set(own) - set(state))
+
+
+def _load_into(model: torch.nn.Module, state: dict[str, Tensor], source: str, strict: bool) -> list[str]:
+    unexpected, bad_shape, missing = state_dict_mismatch(model.state_dict(), state)
     if unexpected:
         raise CheckpointError(f"{source}: keys not in the model: {unexpected[:10]}")
-    bad_shape = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                 for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad_shape:
         raise CheckpointError(f"{source}: shape mismatch: {bad_shape[:5]}")
-    missing = sorted(set(own) - set(state))
     if strict and missing:
         raise CheckpointError(f"{source}: missing keys: {missing[:10]} (+{max(0, len(missing) - 10)} more)")
     model.load_state_dict(state, strict=False)
