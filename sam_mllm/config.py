@@ -40,6 +40,8 @@ class ModelConfig:
     guide_out_layer: int = -1
     # Parameter groups that train; the rest is frozen and kept in eval mode. null = the variant's
     # default (SAM: patch_weight, w_in, w_out, language_projection; instructblip: language_projection).
+    # Entries may also be parameter-name patterns with {a,b} braces and * wildcards
+    # (sam_mllm.models.trainable), e.g. language_model.model.layers.{0,1}.self_attn.{q_proj,v_proj}.
     trainable: list[str] | None = None
     # A released LAVIS-format SAM / InstructBLIP checkpoint to convert and load on top of the backbone.
     lavis_checkpoint: str | None = None

@@ -138,19 +138,15 @@ class SAMModel(nn.Module):
                 if g in self.parameter_groups()]
 
     def set_trainable(self, names: list[str]) -> None:
-        groups = self.parameter_groups()
-        unknown = [n for n in names if n not in groups]
-        if unknown:
-            raise ValueError(
-                f"model.trainable: unknown group(s) {unknown} for guidance={self.guidance!r}; "
-                f"groups of this model: {', '.join(groups)}"
-            )
+        """Train the listed groups and parameter-name patterns (``sam_mllm.models.trainable``)."""
+        from sam_mllm.models.trainable import resolve_trainable
+
+        selected, covered, self._pattern_modules = resolve_trainable(
+            self, list(names), self.parameter_groups(), where=f"for guidance={self.guidance!r}")
         self.trainable = list(names)
-        for name, group in groups.items():
-            flag = name in names
-            params = [group] if isinstance(group, nn.Parameter) else group.parameters()
-            for p in params:
-                p.requires_grad_(flag)
+        for name, p in self.named_parameters():
+            if name in covered:
+                p.requires_grad_(name in selected)
         self.train(self.training)
 
     def trainable_state_dict(self) -> dict[str, Tensor]:
@@ -163,6 +159,9 @@ class SAMModel(nn.Module):
         for name, group in groups.items():
             if isinstance(group, nn.Module) and name not in self.trainable:
                 group.eval()
+        for name in getattr(self, "_pattern_modules", ()):
+            # A module a trainable pattern names follows ``mode`` even inside a frozen group.
+            self.get_submodule(name).train(mode)
         if self.gradient_checkpointing:
             # transformers checkpoints a layer only when the layer itself is in training mode; flip
             # that flag on the layer objects alone so their dropout children stay off.
@@ -196,7 +195,7 @@ class SAMModel(nn.Module):
         """Vision features [B, N, P, Dv] after the final LayerNorm; every present image in one call."""
         b, n = image_mask.shape
         flat = pixel_values[image_mask]  # [M, 3, H, W]
-        grad = "vision_model" in self.trainable and torch.is_grad_enabled()
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_model.parameters())
         with torch.set_grad_enabled(grad):
             feats = self.vision_model(pixel_values=flat).last_hidden_state
         return _scatter_images(feats, image_mask, b, n)
