@@ -10,7 +10,10 @@ import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-KINDS = ("model", "task", "dataset", "metric")
+# mmlink_*: the stages of the MmLINK synthesis pipeline (sam_mllm.data.mmlink).
+MMLINK_STAGE_KINDS = tuple(f"mmlink_{s}" for s in ("source", "segmenter", "compositor", "writer", "inpainter",
+                                                   "describer", "refiner", "qc"))
+KINDS = ("model", "task", "dataset", "metric", *MMLINK_STAGE_KINDS)
 
 # Modules whose import registers the built-in entries; imported lazily so that
 # ``import sam_mllm.registry`` stays cheap and free of cycles.
@@ -19,6 +22,7 @@ _BUILTIN_MODULES = {
     "task": ("sam_mllm.tasks",),
     "dataset": ("sam_mllm.data.datasets",),
     "metric": ("sam_mllm.metrics",),
+    **{kind: ("sam_mllm.data.mmlink.stages", "sam_mllm.data.mmlink.models") for kind in MMLINK_STAGE_KINDS},
 }
 
 _entries: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
