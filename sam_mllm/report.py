@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-__all__ = ["write_html_report", "plot_curves"]
+__all__ = ["write_html_report", "write_side_by_side_report", "plot_curves"]
 
 _esc = html.escape
 
@@ -345,3 +345,94 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path, *, x: str = "step"
     png_path = Path(png_path)
     _atomic_write(png_path, buf.getvalue())
     return png_path
+
+
+def write_side_by_side_report(path: str | Path, *, title: str, samples: Sequence[Mapping],
+                              runs: Mapping[str, Mapping], sort_metric: str = "CIDEr",
+                              thumb_size: int = 96) -> Path:
+    """One page comparing several models on one dataset (the paper's Fig. 4 case studies, for every sample).
+
+    Args:
+        path: the ``.html`` file to write (atomically).
+        title: page title.
+        samples: one mapping per sample, in dataset order, with ``id``, ``images`` (file paths),
+            ``instruction`` and ``references``; each sample's thumbnails appear once, whatever the number of runs.
+        runs: model name -> ``{"summary": {metric: value}, "per_sample": {json.dumps(id): {"prediction": str,
+            "scores": {metric: value}}}}``. The first run is the reference of the difference columns.
+        sort_metric: the metric a model's column sorts by, and of which the differences are shown.
+
+    Each model's column holds its prediction and scores; a "Δ <metric> (model − first)" column per
+    other model sorts the samples by how much better or worse that model does than the first.
+    """
+    path = Path(path)
+    names = list(runs)
+    if not names:
+        raise ValueError("write_side_by_side_report: no runs given")
+    metrics = list(dict.fromkeys(k for r in runs.values() for k, v in r["summary"].items() if _is_number(v)
+                                 and any(k in (s.get("scores") or {}) for s in r["per_sample"].values())))
+    if sort_metric not in metrics and metrics:
+        sort_metric = metrics[0]
+    thumbs = _thumbnails([str(p) for s in samples for p in _as_list(s.get("images"))], thumb_size)
+    classes = {p: f"t{k}" for k, p in enumerate(sorted(p for p, t in thumbs.items() if t is not None))}
+    out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+           "<meta name='viewport' content='width=device-width,initial-scale=1'>",
+           f"<title>{_esc(title)}</title><style>{_STYLE}"]
+    for p, cls in classes.items():
+        w, h, data = thumbs[p]
+        out.append(f".{cls}{{width:{w}px;height:{h}px;background-image:url(data:image/jpeg;base64,{data})}}\n")
+    out.append(f".missing{{width:{thumb_size}px;height:{max(24, thumb_size * 2 // 3)}px}}"
+               ".sc{color:#555;font-size:12px;margin-top:3px}.pos{color:#070}.neg{color:#a00}</style></head><body>")
+    out.append(f"<h1>{_esc(title)}</h1><table class='summary'><thead><tr><th>model</th>")
+    out.extend(f"<th>{_esc(m)}</th>" for m in metrics)
+    out.append("</tr></thead><tbody>")
+    for name in names:
+        summary = runs[name]["summary"]
+        out.append(f"<tr><th>{_esc(name)}</th>" + "".join(
+            f"<td>{_esc(_fmt(summary.get(m, '–')))}</td>" for m in metrics) + "</tr>")
+    out.append(f"</tbody></table><p class='note'>{len(samples)} samples. Click a model's column to sort by its "
+               f"{_esc(sort_metric)}, a Δ column to sort by the difference to {_esc(names[0])}.</p>")
+    out.append("<div class='bar'><input id='filter' type='search' placeholder='filter rows by text…' "
+               "autocomplete='off'><span id='count'></span></div><table id='rows'><thead><tr>")
+    head = [("id", "text"), ("images", "num"), ("instruction", "text"), ("references", "text")]
+    head += [(n, "num") for n in names] + [(f"Δ {sort_metric} ({n} − {names[0]})", "num") for n in names[1:]]
+    out.extend(f"<th data-type='{kind}'>{_esc(h)}</th>" for h, kind in head)
+    out.append("</tr></thead><tbody>")
+    for s in samples:
+        key = json.dumps(s["id"])
+        figs = []
+        for k, p in enumerate(_as_list(s.get("images")), start=1):
+            p = str(p)
+            if p in classes:
+                cell = f"<i class='t {classes[p]}' role='img' aria-label='image #{k}' title='{_esc(p)}'></i>"
+            else:
+                cell = f"<span class='missing' title='{_esc(p)}'>missing: {_esc(Path(p).name)}</span>"
+            figs.append(f"<figure>{cell}<figcaption>#{k}</figcaption></figure>")
+        refs = "".join(f"<div>{_esc(str(x))}</div>" for x in _as_list(s.get("references")))
+        cells = [f"<td>{_esc(str(s['id']))}</td><td class='imgs' data-v='{len(figs)}'>{''.join(figs)}</td>",
+                 f"<td class='txt'>{_esc(str(s.get('instruction') or ''))}</td><td class='refs'>{refs}</td>"]
+        values = []
+        for name in names:
+            rec = runs[name]["per_sample"].get(key) or {}
+            scores = rec.get("scores") or {}
+            v = scores.get(sort_metric)
+            values.append(v if _is_number(v) else None)
+            line = " · ".join(f"{m} {scores[m]:.2f}" for m in metrics if _is_number(scores.get(m)))
+            data_v = repr(v) if _is_number(v) else ""
+            cells.append(f"<td class='txt pred' data-v='{data_v}'>{_esc(str(rec.get('prediction', '')))}"
+                         f"<div class='sc'>{_esc(line)}</div></td>")
+        for v in values[1:]:
+            if v is None or values[0] is None:
+                cells.append("<td class='num' data-v=''>–</td>")
+            else:
+                d = v - values[0]
+                cls = "pos" if d > 0 else "neg" if d < 0 else ""
+                cells.append(f"<td class='num {cls}' data-v='{d!r}'>{d:+.2f}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>\n")
+    out.append("</tbody></table>")
+    # ``page.html#sort=K`` opens sorted by column K (clicked twice: descending), so a link can show
+    # the largest differences first; data-ready tells a headless browser that the script ran.
+    out.append(f"<script>{_SCRIPT}(function(){{const m=location.hash.match(/sort=(\\d+)(-desc)?/);"
+               "if(m){const th=document.querySelectorAll('#rows th')[+m[1]];if(th){th.click();if(m[2])th.click();}}"
+               "document.body.dataset.ready='1';})();</script></body></html>\n")
+    _atomic_write(path, "".join(out).encode("utf-8"))
+    return path
