@@ -86,8 +86,10 @@ class EvalConfig:
     datasets: list[DatasetConfig] = field(default_factory=list)
     batch_size: int = 4
     num_workers: int = 0
-    # Use only the first reference per sample (the paper's protocol) instead of all references.
-    single_reference: bool = False
+    # What each prediction is scored against: paper = the sample's one `output` (the converters build
+    # it as DEMON built the response the paper scored against; the paper configs use it) | all =
+    # every reference of the sample (`references`), the cleaner multi-reference alternative.
+    references: str = "all"
     protocol: str = "paper"
     metrics: list[str] = field(default_factory=lambda: ["rouge_l", "cider", "bleu4"])
     skip_bad: bool = False
@@ -197,6 +199,7 @@ _CHOICES = {
     "train.augment": ("none", "random_resized_crop"),
     "train.mixed_precision": ("auto", "no", "bf16"),
     "eval.protocol": ("paper", "clean"),
+    "eval.references": ("paper", "all"),
 }
 
 

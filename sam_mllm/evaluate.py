@@ -154,13 +154,13 @@ def score_eval_set(cfg: Config, eval_set: EvalSet, out_dir: Path) -> dict:
 
     task = registry.get("task", eval_set.task)
     metrics = [m for m in cfg.eval.metrics] or list(task.metrics)
-    records = [(s.id, by_id[json.dumps(s.id)], list(s.all_references)) for s in eval_set.samples]
-    result = score(records, metrics=metrics, protocol=cfg.eval.protocol,
-                   single_reference=cfg.eval.single_reference)
+    references = {json.dumps(s.id): list(s.scoring_references(cfg.eval.references)) for s in eval_set.samples}
+    records = [(s.id, by_id[json.dumps(s.id)], references[json.dumps(s.id)]) for s in eval_set.samples]
+    result = score(records, metrics=metrics, protocol=cfg.eval.protocol)
     summary = {**result.summary, "num_samples": len(records), "num_bad_samples": len(eval_set.bad)}
     rows = []
     for s in eval_set.samples:
-        rows.append({"id": s.id, "prediction": by_id[json.dumps(s.id)], "references": list(s.all_references),
+        rows.append({"id": s.id, "prediction": by_id[json.dumps(s.id)], "references": references[json.dumps(s.id)],
                      "instruction": s.instruction, "images": [str(eval_set.root / p) for p in s.img_list],
                      "scores": result.per_sample[s.id]})
     _write_jsonl(out_dir / "per_sample.jsonl", [{k: r[k] for k in ("id", "prediction", "references", "scores")}

@@ -96,12 +96,15 @@ def bleu4(preds: dict[int, str], refs: dict[int, list[str]]) -> tuple[float, dic
 
 
 def score(records: Iterable[tuple], metrics: Sequence[str] = ("rouge_l", "cider", "bleu4"),
-          protocol: str = "paper", single_reference: bool = False) -> MetricResult:
-    """Score ``(sample_id, prediction, [reference, ...])`` records.
+          protocol: str = "paper") -> MetricResult:
+    """Score ``(sample_id, prediction, [reference, ...])`` records against exactly the references given.
 
-    ``single_reference=True`` keeps only each sample's first reference (the paper's protocol: its
-    converted test sets have one ``output`` per sample). Otherwise CIDEr and BLEU see every
-    reference and ROUGE-L takes the best reference per sample (identical with one reference).
+    Which references those are is the caller's choice (``eval.references`` in evaluation, through
+    ``Sample.scoring_references``): the paper's protocol gives one reference per sample, the
+    ``output`` built as DEMON built its ``response`` (IEdit's three sentences joined with ". ", and so
+    on: see ``sam_mllm.data.convert``); the multi-reference alternative gives every human reference.
+    With several references CIDEr and BLEU see all of them and ROUGE-L takes the best one per sample
+    (identical with one reference).
     """
     from sam_mllm.registry import get
 
@@ -115,7 +118,7 @@ def score(records: Iterable[tuple], metrics: Sequence[str] = ("rouge_l", "cider"
         seen.add(sid)
         if isinstance(references, str):
             references = [references]
-        references = list(references)[:1] if single_reference else list(references)
+        references = list(references)
         normed = [normalize(r, protocol) for r in references]
         if not normed or any(not r.replace(".", "").strip() for r in normed):
             raise MetricError(f"sample id {sid!r}: a reference is empty after normalisation "

@@ -19,6 +19,14 @@ def test_defaults_match_the_paper():
     assert (g.num_beams, g.max_length, g.min_length, g.repetition_penalty, g.length_penalty) == (5, 256, 1, 1.5, 1.0)
 
 
+def test_paper_eval_configs_score_against_the_paper_reference():
+    from sam_mllm.config import CONFIG_ROOT
+
+    for path in sorted((CONFIG_ROOT / "eval").glob("*.yaml")):
+        assert load_config(path).eval.references == "paper", path.name
+    assert load_config().eval.references == "all"
+
+
 def test_yaml_defaults_chain_and_overrides(tmp_path):
     (tmp_path / "base.yaml").write_text("model:\n  name: instructblip\ntrain:\n  lr: 1.0e-4\n")
     (tmp_path / "child.yaml").write_text("defaults: [base.yaml]\ntrain:\n  max_steps: 7\n")
@@ -32,6 +40,7 @@ def test_yaml_defaults_chain_and_overrides(tmp_path):
     [("model:\n  contxt: all\n", [], "model.contxt"),
      ("train:\n  max_steps: many\n", [], "train.max_steps"),
      ("", ["model.context=some"], "model.context"),
+     ("", ["eval.references=first"], "eval.references"),
      ("", ["train.lr"], "not of the form key=value"),
      ("", ["eval.datasets=3"], "eval.datasets"),
      ("model: [1, 2\n", [], "cannot parse YAML"),

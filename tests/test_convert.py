@@ -243,3 +243,110 @@ def test_prepare_cli(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sam_mllm.data.prepare", "iedit", "--src", str(tmp_path / "no"),
                            "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode != 0 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# The paper's one reference per sample, built as DEMON built its core.json `response`.
+
+def _demon_response(name: str) -> str:
+    return json.loads((REAL / "demon_core" / f"{name}.example.json").read_text())["response"]
+
+
+def test_iedit_paper_reference_is_demons_response_byte_for_byte(tmp_path):
+    src = tmp_path / "iedit"
+    records = json.loads((REAL / "iedit" / "test_first30.json").read_text())[:2]
+    src.mkdir()
+    (src / "test.json").write_text(json.dumps(records))
+    for r in records:
+        _png(src / "images" / r["img0"])
+        _png(src / "images" / r["img1"])
+    samples = convert_iedit(src, tmp_path / "out", "test")
+    assert samples[0].id == "Reddit_1052"
+    assert samples[0].output == _demon_response("IEdit")
+    assert samples[0].scoring_references("paper") == (_demon_response("IEdit"),)
+    assert samples[0].scoring_references("all") == tuple(records[0]["sents"])
+    assert samples[1].output == ". ".join(records[1]["sents"])
+
+
+def test_spot_the_diff_paper_reference_is_demons_response_and_data_layout(tmp_path):
+    src = tmp_path / "std"
+    records = json.loads((REAL / "spot_the_diff" / "test_first30.json").read_text())
+    records += json.loads((REAL / "spot_the_diff" / "test_selected.json").read_text())
+    src.mkdir()
+    (src / "test.json").write_text(json.dumps(records))
+    for i in dict.fromkeys(r["img_id"] for r in records):  # the release README's layout
+        _png(src / "data" / "resized_images" / f"{i}.png")
+        _png(src / "data" / "resized_images" / f"{i}_2.png")
+    with pytest.warns(UserWarning, match="7 records have no sentence"):
+        samples = convert_spot_the_diff(src, tmp_path / "out", "test")
+    assert samples[0].id == records[0]["img_id"]
+    assert samples[0].output == _demon_response("Spot-the-Diff")
+    by_id = {s.id: s for s in samples}
+    first_138 = next(r for r in records if r["img_id"] == "138")
+    assert by_id["138"].output == ". ".join(first_138["sentences"])  # the first annotator's record
+    assert len(by_id["138"].scoring_references("all")) == 3
+    assert all(s.output.strip() for s in samples)
+    empty = tmp_path / "no_images"
+    empty.mkdir()
+    (empty / "test.json").write_text(json.dumps(records[:1]))
+    with pytest.raises(DataError, match="no image folder .*data/resized_images.*--images"):
+        convert_spot_the_diff(empty, tmp_path / "out", "test")
+
+
+def test_birds_to_words_paper_reference_is_the_first_description_as_stored(tmp_path):
+    header = ["img1ObservationURL", "img1ImgURL", "img1Species", "img1Selection", "img2ObservationURL",
+              "img2ImgURL", "img2Species", "img2Selection", "split", "annN", "description"]
+    first = _demon_response("Birds-to-Words")
+    rows = [["o1", "http://x/a.jpg", "s1", "1", "o2", "http://x/b.jpg", "s2", "1", "test", str(k), d]
+            for k, d in enumerate([first, "animal1 is smaller ."], start=1)]
+    tsv = tmp_path / "b2w.tsv"
+    tsv.write_text("\n".join("\t".join(r) for r in [header, *rows]) + "\n")
+    _png(tmp_path / "images" / "a.jpg")
+    _png(tmp_path / "images" / "b.jpg")
+    [s] = convert_birds_to_words(tsv, tmp_path / "out", "test")
+    assert s.output == first
+    assert s.references == (first, "animal1 is smaller .")
+
+
+def _clevr_release(src: Path, numbers: list[int], captions: dict[int, list[str]]) -> None:
+    """Only the renders of ``numbers`` on disk, as when a user keeps just the captioned images."""
+    for i in numbers:
+        _png(src / "images" / f"CLEVR_default_{i:06d}.png")
+        _png(src / "sc_images" / f"CLEVR_semantic_{i:06d}.png")
+    (src / "splits.json").write_text(json.dumps({"train": [], "val": [], "test": numbers}))
+    (src / "change_captions.json").write_text(json.dumps(
+        {f"CLEVR_default_{i:06d}.png": c for i, c in captions.items()}))
+
+
+def test_clevr_change_split_values_are_image_numbers(tmp_path):
+    splits = json.loads((REAL / "clevr_change" / "splits_first50.json").read_text())
+    numbers = splits["test"][:4]  # real values, far apart: the folder holds only these renders
+    captions = {i: [f"the cube {i} turned red", "the tiny object became brown", "  "] for i in numbers}
+    src = tmp_path / "clevr"
+    _clevr_release(src, numbers, captions)
+    samples = convert_clevr_change(src, tmp_path / "out", "test")
+    assert [s.id for s in samples] == [f"{i:06d}" for i in numbers]
+    s = samples[0]
+    assert [p.name for p in _resolve(tmp_path / "out", s)] == [f"CLEVR_default_{numbers[0]:06d}.png",
+                                                              f"CLEVR_semantic_{numbers[0]:06d}.png"]
+    assert s.output == ". ".join(captions[numbers[0]])  # DEMON's joined response, as stored
+    assert s.references == (f"the cube {numbers[0]} turned red", "the tiny object became brown")
+    (src / "images" / f"CLEVR_default_{numbers[2]:06d}.png").unlink()
+    with pytest.raises(DataError, match=rf"image number {numbers[2]}: .*CLEVR_default_{numbers[2]:06d}\.png not found"):
+        convert_clevr_change(src, tmp_path / "out", "test")
+
+
+def test_clevr_change_joined_reference_matches_demons_example(tmp_path):
+    response = _demon_response("CLEVR-Change")
+    src = tmp_path / "clevr"
+    _clevr_release(src, [6626], {6626: response.split(". ")})
+    [s] = convert_clevr_change(src, tmp_path / "out", "test")
+    assert s.id == "006626" and s.output == response
+
+
+@pytest.mark.parametrize("dataset", ["aesop", "vist", "clevr_change", "nico", "demon", "passthrough"])
+def test_prepare_rejects_options_a_converter_does_not_use(tmp_path, dataset):
+    proc = subprocess.run([sys.executable, "-m", "sam_mllm.data.prepare", dataset, "--src", str(tmp_path),
+                           "--out", str(tmp_path / "out"), "--images", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"{dataset} does not use --images" in proc.stderr

@@ -5,6 +5,16 @@ returns :class:`Sample` objects whose ``img_list`` paths are relative to ``out``
 copied). Prompts are the benchmarks' DEMON templates (template 0) followed by their DEMON context
 (``{image#k}`` markers stay literal text: the model puts all visual tokens first). Malformed input
 is a :class:`DataError` naming the file and the record.
+
+References come in two forms, so that both scoring protocols are available from one dataset:
+
+- ``output`` is the paper's single reference, built as DEMON built the ``response`` of its
+  ``core.json`` (which the SAM paper scored against): IEdit's ``sents``, a Spot-the-Diff record's
+  ``sentences`` and CLEVR-Change's captions joined with ``". "`` as stored (no stripping, original
+  order); Birds-to-Words' first description as stored (tokenised text, ``" . "`` between
+  sentences). ``eval.references=paper`` scores against it.
+- ``references`` holds every human reference separately (stripped, empty ones dropped):
+  ``eval.references=all`` scores against all of them, the cleaner multi-reference alternative.
 """
 
 from __future__ import annotations
@@ -79,13 +89,17 @@ class _Missing:
                           stacklevel=3)
 
 
+# DEMON's joiner of a record's several sentences into its one ``response`` (see the module docstring).
+DEMON_JOINER = ". "
+
+
 def _field(record: dict, key: str, source: Path, where: str):
     if not isinstance(record, dict) or key not in record:
         raise DataError(f"{source}: {where}: field '{key}' is missing")
     return record[key]
 
 
-def convert_vist(src: Path, out: Path, split: str = "test", skip_missing: bool = False, **_) -> list[Sample]:
+def convert_vist(src: Path, out: Path, split: str = "test", skip_missing: bool = False) -> list[Sample]:
     """VIST SIS: a story = the 5 annotations of one ``story_id`` in ``worker_arranged_photo_order``."""
     path = src / "sis" / f"{split}.story-in-sequence.json"
     data = _load_json(path)
@@ -114,7 +128,7 @@ def convert_vist(src: Path, out: Path, split: str = "test", skip_missing: bool =
     return samples
 
 
-def convert_aesop(src: Path, out: Path, split: str = "test", skip_missing: bool = False, **_) -> list[Sample]:
+def convert_aesop(src: Path, out: Path, split: str = "test", skip_missing: bool = False) -> list[Sample]:
     """AESOP: panels 1-2 with their texts as context, panel 3's text to write."""
     path = src / "data" / f"{split}.json"
     if not path.is_file() and (src / f"{split}.json").is_file():
@@ -145,12 +159,15 @@ def convert_aesop(src: Path, out: Path, split: str = "test", skip_missing: bool 
 
 
 def convert_clevr_change(src: Path, out: Path, split: str = "test", nonsemantic: bool = True,
-                         skip_missing: bool = False, **_) -> list[Sample]:
+                         skip_missing: bool = False) -> list[Sample]:
     """CLEVR-Change: (before, after) pairs of the split, every caption a reference.
 
-    ``splits.json`` indexes the sorted listing of ``images/``; a semantic change is
-    ``sc_images/CLEVR_semantic_N.png``, a viewpoint-only distractor ``nsc_images/CLEVR_nonsemantic_N.png``
-    (included when ``no_change_captions.json`` exists and ``nonsemantic`` is true).
+    ``splits.json`` holds image numbers N (the real one: up to 39999; only the 39,803 captioned
+    renders are in it): the pair is ``images/CLEVR_default_N.png`` (6 digits) with
+    ``sc_images/CLEVR_semantic_N.png`` for a semantic change, and with
+    ``nsc_images/CLEVR_nonsemantic_N.png`` for a viewpoint-only distractor (included when
+    ``no_change_captions.json`` exists and ``nonsemantic`` is true). Only the split's renders need
+    to be on disk.
     """
     splits_path = src / "splits.json"
     splits = _load_json(splits_path)
@@ -159,51 +176,64 @@ def convert_clevr_change(src: Path, out: Path, split: str = "test", nonsemantic:
     change = _load_json(src / "change_captions.json")
     no_change = _load_json(src / "no_change_captions.json") if (
         nonsemantic and (src / "no_change_captions.json").is_file()) else None
-    listing = sorted(p.name for p in (src / "images").iterdir())
     missing = _Missing(skip_missing, splits_path)
     prompt = INSTRUCTIONS["change_captioning"] + CHANGE_CONTEXT
     samples = []
-    for index in splits[split]:
-        if not 0 <= index < len(listing):
-            raise DataError(f"{splits_path}: split {split!r}: index {index} outside the {len(listing)} images")
-        before = listing[index]
-        num = Path(before).stem.split("_")[-1]
-        pairs = [(num, src / "sc_images" / f"CLEVR_semantic_{num}.png", change)]
+    for number in splits[split]:
+        if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+            raise DataError(f"{splits_path}: split {split!r}: {number!r} is not an image number")
+        num = f"{number:06d}"
+        before = f"CLEVR_default_{num}.png"
+        pairs = [(num, src / "sc_images" / f"CLEVR_semantic_{num}.png", change, "change_captions.json")]
         if no_change is not None:
-            pairs.append((f"{num}_nsc", src / "nsc_images" / f"CLEVR_nonsemantic_{num}.png", no_change))
-        for sid, after, captions in pairs:
-            refs = captions.get(before)
-            if not refs:
-                raise DataError(f"{src}: no captions for {before} ({'no_' if '_nsc' in sid else ''}change_captions.json)")
-            if not after.is_file():
-                missing(sid, f"image {after} not found")
+            pairs.append((f"{num}_nsc", src / "nsc_images" / f"CLEVR_nonsemantic_{num}.png", no_change,
+                          "no_change_captions.json"))
+        for sid, after, captions, source in pairs:
+            raw = captions.get(before)
+            if not raw:
+                raise DataError(f"{src / source}: image number {number}: no captions for {before}")
+            absent = next((p for p in (src / "images" / before, after) if not p.is_file()), None)
+            if absent is not None:
+                missing(sid, f"image number {number}: {absent} not found")
                 continue
-            refs = [r.strip() for r in refs]
-            samples.append(Sample(sid, (_rel(out, src / "images" / before), _rel(out, after)), prompt, refs[0],
-                                  tuple(refs)))
+            refs = tuple(r.strip() for r in raw if r.strip())
+            samples.append(Sample(sid, (_rel(out, src / "images" / before), _rel(out, after)), prompt,
+                                  DEMON_JOINER.join(raw), refs))
     missing.warn()
     return samples
 
 
+SPOT_THE_DIFF_IMAGE_DIRS = ("resized_images", "images", "data/resized_images", "data/images")
+
+
 def convert_spot_the_diff(src: Path, out: Path, split: str = "test", images: Path | None = None,
-                          skip_missing: bool = False, **_) -> list[Sample]:
+                          skip_missing: bool = False) -> list[Sample]:
     """Spot-the-Diff: one sample per ``img_id``; each annotator's record is one reference (its
-    sentences joined with ". ", as DEMON does). Records whose sentences are all empty (7 in test)
-    cannot be scored (an empty reference): they are dropped with a warning naming them."""
+    sentences joined with ". "). The paper reference (``output``) is the first record of the
+    ``img_id`` in file order, joined as DEMON did. Records whose sentences are all empty (7 in
+    test) cannot be scored (an empty reference): they are dropped with a warning naming them.
+    Without ``images``, the images are looked for in ``resized_images/``, ``images/``,
+    ``data/resized_images/`` (the release's README) and ``data/images/`` under ``src``."""
     path = src / "data" / "annotations" / f"{split}.json"
     if not path.is_file() and (src / f"{split}.json").is_file():
         path = src / f"{split}.json"
     records = _load_json(path)
-    image_dir = images or next((src / d for d in ("resized_images", "images") if (src / d).is_dir()), src)
-    grouped: OrderedDict[str, list[str]] = OrderedDict()
+    if images is not None:
+        image_dir = images
+    else:
+        image_dir = next((src / d for d in SPOT_THE_DIFF_IMAGE_DIRS if (src / d).is_dir()), None)
+        if image_dir is None:
+            raise DataError(f"{src}: no image folder (looked for {', '.join(SPOT_THE_DIFF_IMAGE_DIRS)}); "
+                            "give it with --images")
+    grouped: OrderedDict[str, list[tuple[str, str]]] = OrderedDict()
     empty = []
     for i, r in enumerate(records):
         img_id = str(_field(r, "img_id", path, f"record #{i}"))
         sentences = _field(r, "sentences", path, f"record #{i} (img_id {img_id})")
-        text = ". ".join(s.strip() for s in sentences if s.strip())
+        text = DEMON_JOINER.join(s.strip() for s in sentences if s.strip())
         grouped.setdefault(img_id, [])
         if text:
-            grouped[img_id].append(text)
+            grouped[img_id].append((DEMON_JOINER.join(sentences), text))
         else:
             empty.append(f"#{i} (img_id {img_id})")
     if empty:
@@ -219,14 +249,16 @@ def convert_spot_the_diff(src: Path, out: Path, split: str = "test", images: Pat
         if a is None or b is None:
             missing(img_id, f"images {img_id}.* / {img_id}_2.* not found in {image_dir}")
             continue
-        samples.append(Sample(img_id, (_rel(out, a), _rel(out, b)), prompt, refs[0], tuple(refs)))
+        samples.append(Sample(img_id, (_rel(out, a), _rel(out, b)), prompt, refs[0][0],
+                              tuple(text for _, text in refs)))
     missing.warn()
     return samples
 
 
 def convert_birds_to_words(src: Path, out: Path, split: str = "test", images: Path | None = None,
-                           image_map: Path | None = None, skip_missing: bool = False, **_) -> list[Sample]:
-    """Birds-to-Words TSV: rows grouped by (img1ImgURL, img2ImgURL), up to 5 references.
+                           image_map: Path | None = None, skip_missing: bool = False) -> list[Sample]:
+    """Birds-to-Words TSV: rows grouped by (img1ImgURL, img2ImgURL), up to 5 references; the paper
+    reference (``output``) is the pair's first description as stored (DEMON's tokenised text).
 
     Images are not distributed: ``image_map`` (JSON {url: path}) or ``images`` (files named by the
     URL's last path component) says where each downloaded image is."""
@@ -244,6 +276,7 @@ def convert_birds_to_words(src: Path, out: Path, split: str = "test", images: Pa
         return p if p.is_file() else None
 
     groups: OrderedDict[tuple[str, str], list[str]] = OrderedDict()
+    first: dict[tuple[str, str], str] = {}
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter="\t")
         needed = {"img1ImgURL", "img2ImgURL", "split", "description"}
@@ -254,7 +287,9 @@ def convert_birds_to_words(src: Path, out: Path, split: str = "test", images: Pa
                 continue
             if not row["description"] or not row["description"].strip():
                 raise DataError(f"{path}: line {line}: empty description")
-            groups.setdefault((row["img1ImgURL"], row["img2ImgURL"]), []).append(row["description"].strip())
+            pair = (row["img1ImgURL"], row["img2ImgURL"])
+            first.setdefault(pair, row["description"])
+            groups.setdefault(pair, []).append(row["description"].strip())
     out_dir = Path(out)
     missing = _Missing(skip_missing, path)
     prompt = INSTRUCTIONS["birds_to_words"] + CHANGE_CONTEXT
@@ -265,14 +300,15 @@ def convert_birds_to_words(src: Path, out: Path, split: str = "test", images: Pa
         if a is None or b is None:
             missing(sid, f"image for {u1 if a is None else u2} not found")
             continue
-        samples.append(Sample(sid, (_rel(out_dir, a), _rel(out_dir, b)), prompt, refs[0], tuple(refs[:5])))
+        samples.append(Sample(sid, (_rel(out_dir, a), _rel(out_dir, b)), prompt, first[(u1, u2)], tuple(refs[:5])))
     missing.warn()
     return samples
 
 
 def convert_iedit(src: Path, out: Path, split: str = "test", images: Path | None = None,
-                  skip_missing: bool = False, **_) -> list[Sample]:
-    """IEdit: source/target pairs; every request sentence is a reference (3 in valid/test)."""
+                  skip_missing: bool = False) -> list[Sample]:
+    """IEdit: source/target pairs; every request sentence is a reference (3 in valid/test); the
+    paper reference (``output``) is the ``sents`` joined with ". " as stored (DEMON's ``response``)."""
     path = src / f"{split}.json"
     records = _load_json(path)
     image_dir = images or (src / "images")
@@ -281,20 +317,21 @@ def convert_iedit(src: Path, out: Path, split: str = "test", images: Path | None
     samples = []
     for i, r in enumerate(records):
         uid = str(_field(r, "uid", path, f"record #{i}"))
-        sents = [s.strip() for s in _field(r, "sents", path, f"record {uid}") if s.strip()]
+        raw = _field(r, "sents", path, f"record {uid}")
+        sents = [s.strip() for s in raw if s.strip()]
         if not sents:
             raise DataError(f"{path}: record {uid!r}: no request sentence")
         a, b = image_dir / _field(r, "img0", path, f"record {uid}"), image_dir / _field(r, "img1", path, uid)
         if not a.is_file() or not b.is_file():
             missing(uid, f"image {a if not a.is_file() else b} not found")
             continue
-        samples.append(Sample(uid, (_rel(out, a), _rel(out, b)), prompt, sents[0], tuple(sents)))
+        samples.append(Sample(uid, (_rel(out, a), _rel(out, b)), prompt, DEMON_JOINER.join(raw), tuple(sents)))
     missing.warn()
     return samples
 
 
 def convert_nico(src: Path, out: Path, split: str = "test", group_size: int = 5, seed: int = 0,
-                 superclass: str | None = None, **_) -> list[Sample]:
+                 superclass: str | None = None) -> list[Sample]:
     """NICO Animal/Vehicle: groups of ``group_size`` images of one (concept, context) folder.
 
     NICO has no annotation file; our reference is "{concept} {context}" from the folder names
@@ -318,7 +355,7 @@ def convert_nico(src: Path, out: Path, split: str = "test", group_size: int = 5,
     return samples
 
 
-def convert_demon(src: Path, out: Path, split: str = "core", demon_dataset: str | None = None, **_) -> list[Sample]:
+def convert_demon(src: Path, out: Path, split: str = "core", demon_dataset: str | None = None) -> list[Sample]:
     """DEMON ``{root}/{DATASET}/core/core.json``: prompt = task_instruction[id] + context."""
     path = (src / demon_dataset / "core" / "core.json") if demon_dataset else (src / "core" / "core.json")
     if not path.is_file() and (src / "core.json").is_file():
@@ -340,7 +377,7 @@ def convert_demon(src: Path, out: Path, split: str = "core", demon_dataset: str 
     return samples
 
 
-def convert_passthrough(src: Path, out: Path, annotations: str = "annotations.json", **_) -> list[Sample]:
+def convert_passthrough(src: Path, out: Path, annotations: str = "annotations.json") -> list[Sample]:
     """The SAM authors' converted sets (Conceptual, DM800K, AESOP, VIST): validated, paths rebased."""
     samples, _bad = read_annotations(src / annotations, check_images=True)
     return [Sample(s.id, tuple(_rel(out, src / p) for p in s.img_list), s.instruction, s.output, s.references)

@@ -8,6 +8,7 @@ passthrough (the SAM authors' converted Conceptual / DM800K / AESOP / VIST folde
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import warnings
 from pathlib import Path
@@ -16,13 +17,25 @@ from sam_mllm.data.convert import CONVERTERS
 from sam_mllm.data.schema import DataError, read_annotations, write_annotations
 
 
+def _flag(option: str) -> str:
+    return "--no-nonsemantic" if option == "nonsemantic" else "--" + option.replace("_", "-")
+
+
 def prepare(dataset: str, src: Path, out: Path, **options) -> Path:
+    """Convert ``dataset`` from ``src`` into ``out/annotations.json``; ``options`` are the converter's
+    own keyword arguments (an option the converter does not use is an error, not silently ignored)."""
     if dataset not in CONVERTERS:
         raise DataError(f"unknown dataset {dataset!r}; converters: {', '.join(CONVERTERS)}")
+    converter = CONVERTERS[dataset]
+    accepted = set(inspect.signature(converter).parameters) - {"src", "out"}
+    unused = sorted(set(options) - accepted)
+    if unused:
+        usable = ", ".join(_flag(o) for o in sorted(accepted)) or "none"
+        raise DataError(f"{dataset} does not use {', '.join(_flag(o) for o in unused)} (its options: {usable})")
     if not src.exists():
         raise DataError(f"--src {src} does not exist")
     out.mkdir(parents=True, exist_ok=True)
-    samples = CONVERTERS[dataset](src, out, **options)
+    samples = converter(src, out, **options)
     if not samples:
         raise DataError(f"{dataset}: no samples converted from {src} (split {options.get('split')!r})")
     path = write_annotations(samples, out / "annotations.json")
@@ -36,19 +49,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--src", required=True, type=Path, help="the release folder (or the .tsv for birds_to_words)")
     p.add_argument("--out", required=True, type=Path, help="dataset folder to write annotations.json into")
     p.add_argument("--split", default=None, help="default: test (core for demon)")
-    p.add_argument("--images", type=Path, default=None, help="image folder, where the release keeps them apart")
+    p.add_argument("--images", type=Path, default=None,
+                   help="spot_the_diff, birds_to_words, iedit: the image folder, where the release keeps it apart")
     p.add_argument("--image-map", type=Path, default=None, help="birds_to_words: JSON {url: local file}")
-    p.add_argument("--group-size", type=int, default=5, help="nico: images per group")
+    p.add_argument("--group-size", type=int, default=None, help="nico: images per group (default 5)")
     p.add_argument("--superclass", default=None, help="nico: Animal or Vehicle")
     p.add_argument("--demon-dataset", default=None, help="demon: dataset folder name, e.g. VIST")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="nico: grouping seed (default 0)")
     p.add_argument("--no-nonsemantic", action="store_true", help="clevr_change: leave out no-change pairs")
     p.add_argument("--skip-missing", action="store_true", help="drop (and list) samples whose images are missing")
     args = p.parse_args(argv)
-    split = args.split or ("core" if args.dataset == "demon" else "test")
-    options = dict(split=split, images=args.images, image_map=args.image_map, group_size=args.group_size,
-                   superclass=args.superclass, demon_dataset=args.demon_dataset, seed=args.seed,
-                   nonsemantic=not args.no_nonsemantic, skip_missing=args.skip_missing)
+    # Only what the user gave reaches the converter, so an option it does not use is reported.
+    given = dict(split=args.split, images=args.images, image_map=args.image_map, group_size=args.group_size,
+                 superclass=args.superclass, demon_dataset=args.demon_dataset, seed=args.seed,
+                 nonsemantic=False if args.no_nonsemantic else None,
+                 skip_missing=True if args.skip_missing else None)
+    options = {k: v for k, v in given.items() if v is not None}
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

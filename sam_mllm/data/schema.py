@@ -23,6 +23,9 @@ class DataError(ValueError):
     """Bad data; the message names the file, and the sample and field where there is one."""
 
 
+REFERENCE_MODES = ("paper", "all")
+
+
 @dataclass(frozen=True)
 class Sample:
     id: int | str
@@ -33,8 +36,18 @@ class Sample:
 
     @property
     def all_references(self) -> tuple[str, ...]:
-        """The references to score against: ``references`` if given, else ``(output,)``."""
+        """Every human reference: ``references`` if given, else ``(output,)``."""
         return self.references or (self.output,)
+
+    def scoring_references(self, mode: str) -> tuple[str, ...]:
+        """The references scored under ``eval.references``: ``paper`` = the one ``output`` (the
+        converters build it as DEMON built the response the paper scored against), ``all`` =
+        :attr:`all_references`."""
+        if mode == "paper":
+            return (self.output,)
+        if mode == "all":
+            return self.all_references
+        raise ValueError(f"eval.references must be one of {REFERENCE_MODES}, not {mode!r}")
 
     def to_json(self) -> dict:
         d = {"id": self.id, "img_list": list(self.img_list), "instruction": self.instruction, "output": self.output}
