@@ -125,7 +125,7 @@ def align(records: list[dict], eval_set: EvalSet, source: str) -> list[dict]:
 
 def _check_gt(records: list[dict], eval_set: EvalSet, source: str, protocol: str) -> None:
     """Warn when a released file's ``gt_response`` is not the dataset's reference (another version?)."""
-    refs = {json.dumps(s.id): s.all_references for s in eval_set.samples}
+    refs = {json.dumps(s.id): (s.output, *s.all_references) for s in eval_set.samples}
     off = [r["id"] for r in records if "gt_response" in r
            and normalize(r["gt_response"], protocol) not in {normalize(x, protocol) for x in refs[json.dumps(r["id"])]}]
     if off:
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`"))
     p.add_argument("inputs", nargs="+", metavar="FILE_OR_KEY=VALUE",
                    help="prediction files (pred.json, predictions.jsonl) or folders holding one; and key=value "
-                   "config overrides, e.g. eval.single_reference=true data_root=/data")
+                   "config overrides, e.g. eval.references=paper data_root=/data")
     p.add_argument("--dataset", help="registered dataset name or a folder holding annotations.json; "
                    "omitted: score released files against their own gt_response")
     p.add_argument("--task", help="the dataset's task when --dataset is a folder")
