@@ -263,7 +263,7 @@ class StableDiffusionInpainter:
         path = locate(model, "inpainter", marker="model_index.json")
         self.device = resolve_device(device)
         self.pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(
-            path, torch_dtype=resolve_dtype(dtype, self.device), safety_checker=None,
+            path, dtype=resolve_dtype(dtype, self.device), safety_checker=None,
             requires_safety_checker=False).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.model_id, self.steps, self.guidance = model, int(steps), float(guidance_scale)

@@ -186,15 +186,18 @@ class MmlinkPipeline:
                                                                                                  "describer")))
         answer = steps("refine", lambda: st["refiner"].refine(description, seed_for(seed, index, "refiner")))
         instruction = self.instructions[int(rng_for(seed, index, "refiner").integers(len(self.instructions)))]
-        qc = st["qc"]
-        reasons = steps("qc", lambda: [r for k in range(2) for r in qc.image_reasons(k, images[k], comps[k],
-                                                                                     backgrounds[k])]
-                        + qc.text_reasons(answer))
+        qc, metrics = st["qc"], [{}, {}]
+
+        def check() -> tuple[list[str], list[dict]]:
+            found = [r for k in range(2) for r in qc.image_reasons(k, images[k], comps[k], backgrounds[k], metrics[k])]
+            return found + qc.text_reasons(answer), metrics
+
+        reasons, metrics = steps("qc", check)
         record.update({
             "verdict": "rejected" if reasons else "accepted", "reasons": reasons,
             "backgrounds": [asdict(b) for b in backgrounds], "description": description,
-            "instruction": instruction, "output": answer, "layout": [c.boxes for c in comps],
-            "seconds": steps.seconds, "_images": images,
+            "instruction": instruction, "output": answer, "layout": [c.boxes for c in comps], "qc": metrics,
+            "seconds": steps.seconds, "_images": images, "_compositions": comps,
         })
         return record
 
@@ -226,6 +229,7 @@ class MmlinkPipeline:
 
     def _commit(self, record: dict) -> None:
         images = record.pop("_images")
+        record.pop("_compositions", None)
         sid = record["id"]
         folder = "images" if record["verdict"] == "accepted" else "rejected"
         paths = []

@@ -428,18 +428,23 @@ class RuleQC:
                                f"(< min_connected {self.min_connected})")
         return reasons
 
-    def image_reasons(self, k: int, image: Image.Image, comp: Composition, background: Background) -> list[str]:
+    def image_reasons(self, k: int, image: Image.Image, comp: Composition, background: Background,
+                      metrics: dict | None = None) -> list[str]:
+        """Reasons to reject image ``k``; its measurements go into ``metrics`` (for the provenance)."""
+        metrics = {} if metrics is None else metrics
         reasons = []
         covered = comp.alpha == 255
-        if covered.any():
-            diff = np.abs(np.asarray(image, np.int16) - np.asarray(comp.canvas, np.int16)).max(-1)[covered]
-            if int(diff.max()) > self.max_pixel_change:
-                reasons.append(f"image {k}: {int((diff > self.max_pixel_change).sum())} object pixels changed "
-                               f"by up to {int(diff.max())} (> max_pixel_change {self.max_pixel_change})")
+        diff = np.abs(np.asarray(image, np.int16) - np.asarray(comp.canvas, np.int16)).max(-1)[covered]
+        changed = int((diff > self.max_pixel_change).sum())
+        metrics.update(object_pixels=int(covered.sum()), changed_object_pixels=changed)
+        if changed:
+            reasons.append(f"image {k}: {changed} object pixels changed by up to {int(diff.max())} "
+                           f"(> max_pixel_change {self.max_pixel_change})")
         if not background.prompt.strip():
             reasons.append(f"image {k}: empty background description")
         if self.clip_model:
             score = self.clip_score(image, background.prompt)
+            metrics["clip_score"] = round(score, 6)
             if score < self.min_clip_score:
                 reasons.append(f"image {k}: CLIP score {score:.3f} against its background description "
                                f"(< min_clip_score {self.min_clip_score})")
