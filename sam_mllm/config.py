@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    # Registry name of the variant: instructblip | sam | sam_bsg_mean | sam_linear.
+    # Registry name of the variant: instructblip | sam | sam_bsg_mean | sam_linear | llava_mlp.
     name: str = "sam"
     # Hugging Face id or local directory of an InstructBLIP checkpoint; ignored when ``dims`` is set.
     backbone: str = "Salesforce/instructblip-vicuna-7b"
@@ -124,11 +124,40 @@ class TrainConfig:
 
 
 @dataclass
+class SEAConfig:
+    """SEA's token-level alignment loss (docs/SEA.md): L = L_CE + weight * L_SEA during training."""
+
+    enabled: bool = False
+    # λ of Eq. 11. The paper (v1) gives no value; 1.0 with a sweep in docs/RESULTS.md. 0 computes and
+    # logs L_SEA but leaves loss and gradients bit-identical to training without SEA.
+    weight: float = 1.0
+    # Patch labeller: oracle (synthetic world's ground truth) | clip (transformers CLIPModel + word list).
+    labeller: str = "oracle"
+    # CLIP labeller: Hugging Face id or local folder (ViT-L/14 at 224 px = EVA-ViT-g's 16x16 grid).
+    clip_model: str = "openai/clip-vit-large-patch14"
+    # One word per line (the paper: 12dicts' 2of12, 41,242 words); null = the synthetic world's words.
+    word_list: str | None = None
+    top_n: int = 10  # n of Eq. 6 (paper: 10)
+    # Eq. 6 scores a word by -cos (the paper, after CLIP Surgery); false scores by +cos. Scores <= 0 drop.
+    negate_similarity: bool = True
+    # τ is learnable as log τ. The paper's "τ = 0" cannot divide Eq. 9; read as log τ = 0 (τ = 1) at start.
+    init_log_tau: float = 0.0
+    min_tau: float = 0.01  # τ is clamped at 0.01, as CLIP clamps its logit scale at 100
+    window: int = 2  # k of the k x k sampling window (paper: 2); exact only for perceiver=mlp
+    # Q-Former perceivers: query -> patch attribution from cross-attention averaged over heads and
+    # all cross-attention layers (mean) or the last layer only (last).
+    attribution: str = "mean"
+    # Folder of the patch-label cache (keyed by labeller + transform fingerprints, like the feature cache).
+    label_cache: str = "runs/label_cache"
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sea: SEAConfig = field(default_factory=SEAConfig)
     # Root that relative dataset paths are resolved against.
     data_root: str = "data"
     output_dir: str = "runs/default"
@@ -200,6 +229,8 @@ _CHOICES = {
     "train.mixed_precision": ("auto", "no", "bf16"),
     "eval.protocol": ("paper", "clean"),
     "eval.references": ("paper", "all"),
+    "sea.labeller": ("oracle", "clip"),
+    "sea.attribution": ("mean", "last"),
 }
 
 

@@ -32,6 +32,8 @@ from sam_mllm.data.schema import DataError, Sample, read_annotations
 from sam_mllm.evaluate import dataset_root, read_jsonl
 from sam_mllm.models import SAMModel, build_model
 from sam_mllm.models.checkpoint import save_trainable
+from sam_mllm.objectives.labellers import build_label_cache, build_labeller, patch_grid
+from sam_mllm.objectives.sea import SEAObjective, collate_patch_labels
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.pt"
@@ -49,8 +51,8 @@ class TrainItems(Dataset):
     """Stream position -> one training item (images or cached features, instruction, answer)."""
 
     def __init__(self, sets: list[tuple[Path, list[Sample]]], order: MixtureOrder, processor: Processor,
-                 cfg: Config, cache: FeatureCache | None) -> None:
-        self.sets, self.order, self.cache = sets, order, cache
+                 cfg: Config, cache: FeatureCache | None, labels: FeatureCache | None = None) -> None:
+        self.sets, self.order, self.cache, self.labels = sets, order, cache, labels
         self.seed = cfg.seed
         t = cfg.train
         self.transform = processor.transform(train=t.augment != "none", crop_scale=t.crop_scale, hflip=t.hflip)
@@ -63,6 +65,8 @@ class TrainItems(Dataset):
         root, samples = self.sets[d]
         s = samples[i]
         item = {"id": s.id, "instruction": s.instruction, "output": s.output}
+        if self.labels is not None:  # SEA's patch labels, from their cache
+            item["patch_labels"] = torch.stack([self.labels.get(root / p) for p in s.img_list])
         if self.cache is not None:
             item["image_embeds"] = torch.stack([self.cache.get(root / p) for p in s.img_list])
             return item
@@ -109,6 +113,25 @@ def build_feature_cache(cfg: Config, model: SAMModel, processor: Processor, sets
         print(f"feature cache {cache.dir}: {added} images added, {len(cache.index['rows'])} cached")
     accelerator.wait_for_everyone()
     return FeatureCache(cfg.train.feature_cache, cache.backbone, cache.transform)  # re-read the index
+
+
+def build_sea(cfg: Config, model: SAMModel, processor: Processor, sets, accelerator) -> tuple[SEAObjective, FeatureCache]:
+    """SEA's objective (learnable τ) and its patch-label cache, labelled once by the main process."""
+    if cfg.train.augment != "none":
+        raise ConfigError(
+            f"sea.enabled needs patch labels that match the pixels, but train.augment={cfg.train.augment!r} "
+            "draws random crops. Set train.augment=none.")
+    transform = processor.transform(train=False)
+    labeller = build_labeller(cfg.sea, patch_grid(model), accelerator.device)
+    if accelerator.is_main_process:
+        paths = [root / p for root, samples in sets for s in samples for p in s.img_list]
+        cache, added = build_label_cache(cfg.sea.label_cache, labeller, transform, paths)
+        print(f"label cache {cache.dir}: {added} images added, {len(cache.index['rows'])} cached")
+    accelerator.wait_for_everyone()
+    cache, _ = build_label_cache(cfg.sea.label_cache, labeller, transform, [])  # re-read the index
+    sea = SEAObjective(labeller.words, model.llm_tokenizer, seed=cfg.seed, init_log_tau=cfg.sea.init_log_tau,
+                       min_tau=cfg.sea.min_tau, window=cfg.sea.window, attribution=cfg.sea.attribution)
+    return sea.to(accelerator.device), cache
 
 
 class StepBatches:
@@ -165,7 +188,8 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(out: Path, step: int, model: SAMModel, optimizer, cfg: Config, keep_last: int = 3) -> Path:
+def save_checkpoint(out: Path, step: int, model: SAMModel, optimizer, cfg: Config, keep_last: int = 3,
+                    sea: SEAObjective | None = None) -> Path:
     target = checkpoint_dir(out, step)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -177,6 +201,8 @@ def save_checkpoint(out: Path, step: int, model: SAMModel, optimizer, cfg: Confi
         "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
+    if sea is not None:
+        state["sea"] = sea.state_dict()  # τ: training state only (SEA adds nothing at inference)
     torch.save(state, tmp / STATE_FILE)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
@@ -222,10 +248,14 @@ def train(cfg: Config) -> Path:
     # Data: a deterministic mixture; pixels, or features from the on-disk cache.
     sets, weights = load_train_sets(cfg)
     cache = build_feature_cache(cfg, model, processor, sets, accelerator) if t.feature_cache else None
+    # SEA (optional): L = L_CE + λ·L_SEA with patch labels from a cache and a learnable temperature.
+    sea, labels = build_sea(cfg, model, processor, sets, accelerator) if cfg.sea.enabled else (None, None)
     order = MixtureOrder([len(s) for _, s in sets], weights, cfg.seed)
-    items = TrainItems(sets, order, processor, cfg, cache)
+    items = TrainItems(sets, order, processor, cfg, cache, labels)
 
     optimizer = make_optimizer(model, cfg)
+    if sea is not None:
+        optimizer.add_param_group({"params": [sea.log_tau], "weight_decay": 0.0})
     start = 0
     resume = resume_from(cfg, out)
     if resume is not None:
@@ -234,6 +264,8 @@ def train(cfg: Config) -> Path:
         load_trainable(model, resume)
         state = torch.load(resume / STATE_FILE, map_location="cpu", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
+        if sea is not None:
+            sea.load_state_dict(state["sea"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -248,8 +280,13 @@ def train(cfg: Config) -> Path:
     raw = accelerator.unwrap_model(model)
 
     sampler = StepBatches(start, t.max_steps, cfg, accelerator)
-    loader = DataLoader(items, batch_sampler=sampler, num_workers=t.num_workers,
-                        collate_fn=lambda b: processor.collate(b, with_answers=True))
+    def collate(b: list[dict]) -> dict:
+        batch = processor.collate(b, with_answers=True)
+        if sea is not None:
+            batch["patch_labels"] = collate_patch_labels(b)
+        return batch
+
+    loader = DataLoader(items, batch_sampler=sampler, num_workers=t.num_workers, collate_fn=collate)
     writer = _tensorboard(out) if t.tensorboard and accelerator.is_main_process else None
     bar = tqdm(total=t.max_steps, initial=start, desc="train", unit="step",
                disable=not accelerator.is_local_main_process)
@@ -262,17 +299,26 @@ def train(cfg: Config) -> Path:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg)
             step_loss = torch.zeros((), device=accelerator.device)
+            step_parts = torch.zeros(4, device=accelerator.device)  # SEA: loss_ce, loss_sea, pairs, accuracy
             for _ in range(micro):
                 batch = next(batches)
                 ids = batch.pop("ids")
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 with accelerator.accumulate(model):
-                    loss = model(batch).loss
+                    output = model(batch)
+                    loss = output.loss
+                    if sea is not None:
+                        aux = sea(raw, batch, output.perception, ids, step)
+                        loss = loss + cfg.sea.weight * aux.loss
+                        step_parts += torch.tensor([output.loss.item(), aux.loss.item(), aux.num_pairs,
+                                                    aux.accuracy], device=step_parts.device) / micro
                     if not torch.isfinite(loss):
                         raise TrainingError(
                             f"non-finite loss ({loss.item()}) at step {step + 1} on samples {ids}; stopping. "
                             f"The last good checkpoint is {latest_checkpoint(out) or '(none yet)'}.")
                     accelerator.backward(loss)
+                    if sea is not None and accelerator.sync_gradients and accelerator.num_processes > 1:
+                        sea.log_tau.grad = accelerator.reduce(sea.log_tau.grad, reduction="mean")  # τ is not in DDP
                     if accelerator.sync_gradients and t.grad_clip > 0:
                         grad_norm = accelerator.clip_grad_norm_(raw.trainable_state_dict().values(), t.grad_clip)
                     optimizer.step()
@@ -287,6 +333,10 @@ def train(cfg: Config) -> Path:
                 record = {"step": done, "loss": mean_loss, "lr": lr_at(step, cfg),
                           "grad_norm": float(grad_norm) if t.grad_clip > 0 else None,
                           "samples_per_sec": samples_seen / max(elapsed, 1e-9)}
+                if sea is not None:
+                    parts = accelerator.reduce(step_parts, reduction="mean").tolist()
+                    record.update(loss_ce=parts[0], loss_sea=parts[1], sea_pairs=parts[2], sea_accuracy=parts[3],
+                                  tau=float(sea.tau.detach()))
                 tick, samples_seen = time.monotonic(), 0
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}",
                                 sps=f"{record['samples_per_sec']:.1f}")
@@ -294,7 +344,7 @@ def train(cfg: Config) -> Path:
             if done % t.save_every == 0 or done == t.max_steps:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
-                    save_checkpoint(out, done, raw, optimizer, cfg)
+                    save_checkpoint(out, done, raw, optimizer, cfg, sea=sea)
             if t.eval_every and t.val_datasets and (done % t.eval_every == 0 or done == t.max_steps):
                 _log(log, writer, {"step": done, **_periodic_eval(cfg, raw, accelerator, out, done)})
                 model.train()

@@ -6,6 +6,7 @@
 | sam_bsg_mean   | +BSG                     | W-former  | plain mean      |
 | sam_linear     | +LIN                     | one Linear| adaptive        |
 | sam            | SAM                      | W-former  | adaptive        |
+| llava_mlp      | (SEA's setting, no SAM)  | none; a GELU MLP per patch instead of the Q-Former |
 
 +DATA is ``instructblip`` with ``model.trainable=[language_projection]`` (its default).
 """
@@ -33,6 +34,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "sam": dict(guidance="w_former", patch_weighting="adaptive"),
     "sam_bsg_mean": dict(guidance="w_former", patch_weighting="mean"),
     "sam_linear": dict(guidance="linear", patch_weighting="adaptive"),
+    "llava_mlp": dict(guidance="none", perceiver="mlp"),
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

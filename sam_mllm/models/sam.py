@@ -26,6 +26,9 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 GUIDANCE = ("none", "w_former", "linear")
 PATCH_WEIGHTING = ("adaptive", "mean")
 CONTEXT = ("all", "others")
+# qformer: InstructBLIP's Q-Former (num_query tokens per image); mlp: a LLaVA-1.5-style GELU MLP on
+# every ViT patch (one token per patch; the setting in which SEA was published).
+PERCEIVER = ("qformer", "mlp")
 # Generation settings of the released code (DESIGN.md §1); ``max_length``/``min_length`` count the
 # generated tokens only, as LAVIS's did when it generated from embeddings.
 RELEASED_GENERATION = dict(
@@ -40,6 +43,7 @@ class Perception:
     query_output: Tensor  # [B, N, num_query, H] Q-Former query outputs
     visual_tokens: Tensor  # [B, N, num_query, D_llm] language_projection of the above
     last_hidden_state: Tensor | None = None  # [B, N, num_query + T, H] when asked for
+    image_embeds: Tensor | None = None  # [B, N, P, Dv] the vision features perceived (training objectives read them)
 
 
 @dataclass
@@ -47,6 +51,7 @@ class SAMOutput:
     loss: Tensor
     logits: Tensor
     num_target_tokens: int
+    perception: Perception | None = None  # for auxiliary training objectives (SEA)
 
 
 class SAMModel(nn.Module):
@@ -66,9 +71,14 @@ class SAMModel(nn.Module):
         trainable: list[str] | None = None,
         max_images: int = 8,
         gradient_checkpointing: bool = False,
+        perceiver: str = "qformer",
     ) -> None:
         super().__init__()
         _check_choice("guidance", guidance, GUIDANCE)
+        _check_choice("perceiver", perceiver, PERCEIVER)
+        if perceiver == "mlp" and guidance != "none":
+            raise ValueError(f"perceiver='mlp' has no Q-Former stream to guide; guidance must be 'none', not {guidance!r}")
+        self.perceiver = perceiver
         _check_choice("patch_weighting", patch_weighting, PATCH_WEIGHTING)
         _check_choice("context", context, CONTEXT)
         self.config = backbone.config
@@ -109,6 +119,10 @@ class SAMModel(nn.Module):
             # +LIN: one Linear maps the patch-mean of the merged context into the Q-stream at layer k.
             self.context_proj = nn.Linear(dv, dq, device=device, dtype=dtype)
             _zero_(self.context_proj)
+        if perceiver == "mlp":
+            dl = self.config.text_config.hidden_size
+            self.mlp_projector = nn.Sequential(nn.Linear(dv, dl, device=device, dtype=dtype), nn.GELU(),
+                                               nn.Linear(dl, dl, device=device, dtype=dtype))
         if guidance != "none" and patch_weighting == "adaptive" and device.type != "meta":
             nn.init.normal_(self.patch_weight.weight, std=0.02)
             nn.init.zeros_(self.patch_weight.bias)
@@ -124,7 +138,7 @@ class SAMModel(nn.Module):
     def parameter_groups(self) -> dict[str, nn.Module | nn.Parameter]:
         """Named groups that ``trainable`` may list."""
         groups: dict[str, nn.Module | nn.Parameter] = {}
-        for name in ("patch_weight", "w_in", "w_out", "context_proj"):
+        for name in ("patch_weight", "w_in", "w_out", "context_proj", "mlp_projector"):
             if hasattr(self, name):
                 groups[name] = getattr(self, name)
         groups.update(
@@ -134,6 +148,8 @@ class SAMModel(nn.Module):
         return groups
 
     def default_trainable(self) -> list[str]:
+        if self.perceiver == "mlp":
+            return ["mlp_projector"]  # the Q-Former and its projection are not used
         return [g for g in ("patch_weight", "w_in", "w_out", "context_proj", "language_projection")
                 if g in self.parameter_groups()]
 
@@ -260,6 +276,10 @@ class SAMModel(nn.Module):
         image_mask = image_mask.bool()
         if image_mask.sum(1).min() < 1:
             raise ValueError("every sample needs at least one image (a row of image_mask is all False)")
+        if self.perceiver == "mlp":  # one token per patch (CLS dropped, as LLaVA); no instruction input
+            patches = image_embeds[:, :, 1:][image_mask]
+            return Perception(query_output=_scatter_images(patches, image_mask, b, n),
+                              visual_tokens=_scatter_images(self.mlp_projector(patches), image_mask, b, n))
         b_idx, n_idx = image_mask.nonzero(as_tuple=True)
         nq = self.num_query_tokens
         feats = image_embeds[b_idx, n_idx]  # [M, P, Dv]
@@ -362,7 +382,9 @@ class SAMModel(nn.Module):
             embeds = self.encode_images(batch["pixel_values"], image_mask)
         if image_mask.shape[1] > self.max_images:
             raise ValueError(f"batch has {image_mask.shape[1]} image slots; model.max_images is {self.max_images}")
-        return self.perceive(embeds, image_mask, batch["qformer_input_ids"], batch["qformer_attention_mask"])
+        perception = self.perceive(embeds, image_mask, batch["qformer_input_ids"], batch["qformer_attention_mask"])
+        perception.image_embeds = embeds
+        return perception
 
     def forward(self, batch: dict) -> SAMOutput:
         """Next-token cross-entropy on the answer tokens only (``labels`` = -100 elsewhere)."""
@@ -381,7 +403,7 @@ class SAMModel(nn.Module):
         loss = F.cross_entropy(
             logits[:, :-1].float().flatten(0, 1), target.flatten(), ignore_index=-100
         )
-        return SAMOutput(loss=loss, logits=logits, num_target_tokens=n_tokens)
+        return SAMOutput(loss=loss, logits=logits, num_target_tokens=n_tokens, perception=perception)
 
     @torch.no_grad()
     def generate(self, batch: dict, return_ids: bool = False, **kwargs) -> list[str] | Tensor:

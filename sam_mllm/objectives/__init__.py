@@ -1,0 +1,1 @@
+"""Training objectives added to the language-modelling loss (SEA: ``sam_mllm.objectives.sea``)."""

@@ -1,0 +1,226 @@
+"""Patch labellers for SEA: per image, the top-n label words of every ViT patch and their S_norm.
+
+A labeller maps image files to a tensor [n_images, P-1, top_n, 2] holding, per patch (row-major,
+CLS excluded) and rank, the word's index in ``labeller.words`` (-1 = no label) and its normalised
+score (Eq. 7). The result is cached on disk with the feature cache's machinery, in a folder keyed by
+the labeller's fingerprint and the image transform's (``build_label_cache``).
+
+- ``oracle``: the synthetic world's ground truth. The generator writes every image's context and
+  object placements (``scenes.json``); the objects are re-rendered with the generator's own sprite
+  function and a word's score on a patch is the visible area it covers there (colour, shape and
+  pattern words of each object, the context word for the background).
+- ``clip``: a transformers ``CLIPModel`` (Hugging Face id or local folder) and a word list, Eqs. 4-6 of
+  the paper, fed the library's own transform so that CLIP's patch grid is the backbone's patch grid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sam_mllm.data.feature_cache import FeatureCache
+from sam_mllm.data.processing import ImageTransform, load_image
+from sam_mllm.objectives.sea import normalize_scores, patch_labels
+
+LABELLERS = ("oracle", "clip")
+
+
+class LabellerError(ValueError):
+    """A labeller that cannot be built or cannot label an image; names the model, file or word."""
+
+
+def world_label_words() -> list[str]:
+    """The synthetic world's label vocabulary: colours, shapes, patterns (not 'plain'), contexts."""
+    from sam_mllm.data.synthetic import COLOURS, CONTEXTS, PATTERNS, SHAPES
+
+    return [*COLOURS, *SHAPES, *(p for p in PATTERNS if p != "plain"), *CONTEXTS]
+
+
+def read_word_list(path: str | Path) -> list[str]:
+    """One word per line (blank lines and '#' comments skipped), duplicates are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise LabellerError(f"sea.word_list: file not found: {path}")
+    words = [w.strip() for w in path.read_text(encoding="utf-8").splitlines()]
+    words = [w for w in words if w and not w.startswith("#")]
+    if not words:
+        raise LabellerError(f"sea.word_list {path}: no words")
+    dup = sorted({w for w in words if words.count(w) > 1}) if len(set(words)) != len(words) else []
+    if dup:
+        raise LabellerError(f"sea.word_list {path}: duplicated word(s) {dup[:8]}")
+    return words
+
+
+def _pack(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """[..., n] ids and scores -> [..., n, 2] (word id, S_norm), the cached layout."""
+    return torch.stack([ids.float(), normalize_scores(scores)], dim=-1)
+
+
+class OracleLabeller:
+    """Exact patch labels of synthetic-world images from the generator's recorded scenes."""
+
+    def __init__(self, grid: int, top_n: int = 10) -> None:
+        self.grid, self.top_n = grid, top_n
+        self.words = world_label_words()
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self.fingerprint = f"oracle-v1-g{grid}-n{top_n}"
+
+    def coverage(self, file: str | Path) -> np.ndarray:
+        """[grid*grid, len(words)] visible area fraction of every label word on every patch."""
+        from sam_mllm.data.synthetic import SCENES_FILE, render_object
+
+        file = Path(file)
+        scenes_file = file.parent.parent / SCENES_FILE
+        scenes = _read_scenes(str(scenes_file.resolve())) if scenes_file.is_file() else None
+        rel = f"{file.parent.name}/{file.name}"
+        if scenes is None or rel not in scenes["scenes"]:
+            raise LabellerError(f"oracle labeller: no scene for {file} in {scenes_file} (only images of the "
+                                "synthetic world, generated with its scenes.json, have oracle labels)")
+        scene, size = scenes["scenes"][rel], scenes["image_size"]
+        visible_bg = np.ones((size, size))
+        layers = []
+        for p in reversed(scene["objects"]):  # drawn last = on top
+            alpha = np.zeros((size, size))
+            sprite = np.asarray(render_object(*p["obj"], p["d"], p["angle"]).getchannel("A"), dtype=np.float64) / 255
+            x, y, d = p["x"], p["y"], p["d"]
+            alpha[y:y + d, x:x + d] = sprite[: size - y, : size - x]
+            layers.append((p["obj"], alpha * visible_bg))
+            visible_bg = visible_bg * (1 - alpha)
+        edges = np.round(np.arange(self.grid + 1) * size / self.grid).astype(int)
+
+        def pool(a: np.ndarray) -> np.ndarray:  # mean over each patch's pixels, row-major patches
+            sums = np.add.reduceat(np.add.reduceat(a, edges[:-1], axis=0), edges[:-1], axis=1)
+            return (sums / np.outer(np.diff(edges), np.diff(edges))).reshape(-1)
+
+        cov = np.zeros((self.grid * self.grid, len(self.words)))
+        cov[:, self.index[scene["context"]]] += pool(visible_bg)
+        for (shape, colour, pattern), vis in layers:
+            area = pool(vis)
+            for w in (colour, shape, pattern):
+                if w in self.index:
+                    cov[:, self.index[w]] += area
+        return cov
+
+    def __call__(self, files: Sequence[str | Path]) -> torch.Tensor:
+        out = []
+        for f in files:
+            cov = torch.from_numpy(self.coverage(f)).float()
+            scores, ids = cov.topk(min(self.top_n, cov.shape[1]), dim=-1)
+            keep = scores > 0
+            out.append(_pack(ids.masked_fill(~keep, -1), scores.masked_fill(~keep, 0.0)))
+        return torch.stack(out)
+
+
+@lru_cache(maxsize=16)
+def _read_scenes(path: str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+class CLIPLabeller:
+    """Eqs. 4-6 with a transformers ``CLIPModel``: patch tokens -> post-LayerNorm -> visual projection
+    (CLIP's joint space) against the projected text features of each word, top-n by ``±cos``."""
+
+    def __init__(self, name_or_path: str, words: Sequence[str], grid: int, top_n: int = 10, negate: bool = True,
+                 device: torch.device | str = "cpu", batch_size: int = 256) -> None:
+        from transformers import AutoTokenizer, CLIPModel
+
+        path = _locate_clip(name_or_path)
+        self.model = CLIPModel.from_pretrained(path).to(device).eval()
+        vc = self.model.config.vision_config
+        if vc.image_size // vc.patch_size != grid:
+            raise LabellerError(
+                f"sea.clip_model {name_or_path!r}: its patch grid is {vc.image_size // vc.patch_size}x"
+                f"{vc.image_size // vc.patch_size} ({vc.image_size} px / {vc.patch_size}), the backbone's is "
+                f"{grid}x{grid}: patch labels would not line up with the backbone's patches")
+        self.words, self.top_n, self.negate, self.device = list(words), top_n, negate, device
+        self.transform = ImageTransform(vc.image_size)  # the library's transform, not CLIPProcessor's crop
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        with torch.no_grad():
+            feats = []
+            for start in range(0, len(self.words), batch_size):
+                enc = tokenizer(self.words[start:start + batch_size], padding=True, return_tensors="pt").to(device)
+                pooled = self.model.text_model(**enc).pooler_output
+                feats.append(self.model.text_projection(pooled))
+        self.word_embeds = torch.cat(feats)
+        h = hashlib.sha1()
+        for name, p in sorted(self.model.state_dict().items()):
+            flat = p.detach().flatten().double()
+            h.update(f"{name}{tuple(p.shape)}{float(flat.sum()):.8e}{float(flat.abs().sum()):.8e}".encode())
+        h.update("\n".join(self.words).encode())
+        self.fingerprint = f"clip-{h.hexdigest()[:16]}-n{top_n}-neg{int(negate)}"
+
+    @torch.no_grad()
+    def patch_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        vm = self.model.vision_model
+        tokens = vm(pixel_values=pixel_values.to(self.device)).last_hidden_state[:, 1:]
+        return self.model.visual_projection(vm.post_layernorm(tokens))
+
+    def __call__(self, files: Sequence[str | Path]) -> torch.Tensor:
+        pixels = torch.stack([self.transform(load_image(f)) for f in files])
+        ids, scores = patch_labels(self.patch_embeds(pixels), self.word_embeds, self.top_n, self.negate)
+        return _pack(ids, scores).cpu()
+
+
+def _locate_clip(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    from sam_mllm.models.backbone import REPO_ROOT
+
+    if not path.is_absolute() and (REPO_ROOT / path).is_dir():
+        return REPO_ROOT / path
+    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "~", "/")):
+        raise LabellerError(f"sea.clip_model {name_or_path!r}: no such directory, and not a Hugging Face id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name_or_path, local_files_only=True))
+    except Exception:
+        pass
+    hint = (f"sea.clip_model {name_or_path!r}: weights not found in the Hugging Face cache "
+            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}). "
+            f"Download them on a machine with internet (`huggingface-cli download {name_or_path}`) and copy the "
+            "cache, or set sea.clip_model=/path/to/a/local/copy; on the synthetic world, sea.labeller=oracle or "
+            "sea.clip_model=sam_mllm/assets/tiny_clip need no download.")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise LabellerError(hint + " HF_HUB_OFFLINE is set, so nothing was downloaded.")
+    try:
+        return Path(snapshot_download(name_or_path, etag_timeout=10))
+    except Exception as exc:  # network errors come in many classes; keep the cause
+        raise LabellerError(hint + f" Download failed: {type(exc).__name__}: {exc}") from exc
+
+
+def build_labeller(sea_cfg, grid: int, device: torch.device | str = "cpu"):
+    """The labeller ``sea_cfg`` (a SEAConfig) names, for a backbone of ``grid x grid`` patches."""
+    if sea_cfg.labeller == "oracle":
+        return OracleLabeller(grid, sea_cfg.top_n)
+    if sea_cfg.labeller == "clip":
+        words = read_word_list(sea_cfg.word_list) if sea_cfg.word_list else world_label_words()
+        return CLIPLabeller(sea_cfg.clip_model, words, grid, sea_cfg.top_n, sea_cfg.negate_similarity, device)
+    raise LabellerError(f"sea.labeller={sea_cfg.labeller!r} is not one of {', '.join(LABELLERS)}")
+
+
+def label_cache(root: str | Path, labeller, transform: ImageTransform) -> FeatureCache:
+    """The on-disk cache of one (labeller, transform) pair: the feature cache's format and keys."""
+    return FeatureCache(root, labeller.fingerprint, transform.fingerprint)
+
+
+def build_label_cache(root: str | Path, labeller, transform: ImageTransform, files: Sequence[str | Path],
+                      batch_size: int = 16) -> tuple[FeatureCache, int]:
+    """Label every file not cached yet; returns the cache and how many images were added."""
+    cache = label_cache(root, labeller, transform)
+    added = cache.build(list(files), lambda chunk: labeller(chunk), batch_size=batch_size)
+    return label_cache(root, labeller, transform), added
+
+
+def patch_grid(model) -> int:
+    """The backbone's patch grid side (224 px / 14 = 16 for EVA-ViT-g)."""
+    vc = model.config.vision_config
+    return vc.image_size // vc.patch_size
