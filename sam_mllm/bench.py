@@ -12,6 +12,29 @@ Every number is a median over repeats after a warm-up; ratios compare runs of th
 from __future__ import annotations
 
 import argparse
+
+from sam_mllm import cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Torch-free, so that ``--help`` answers before torch is imported."""
+    p = cli.parser("sam_mllm.bench", __doc__)
+    p.add_argument("--preset", default="tiny", choices=["tiny", "base", "7b"])
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--images", default="1,2,3,5,8", help="comma-separated N values")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--sections", default="step,generate,perception,others,cache")
+    p.add_argument("--gen-tokens", type=int, default=8)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--out", default=None, help="write the report as JSON (and .md beside it)")
+    p.add_argument("--flops-only", action="store_true",
+                   help="print the FLOP ceilings of the perception and cache ratios, timing nothing")
+    return p
+
+
+if __name__ == "__main__":
+    cli.answer_early("sam_mllm.bench", build_parser=build_parser)
+
 import json
 import platform
 import resource
@@ -337,19 +360,10 @@ def _fmt(v) -> str:
     return str(v)
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="tiny", choices=["tiny", "base", "7b"])
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--images", default="1,2,3,5,8", help="comma-separated N values")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--sections", default="step,generate,perception,others,cache")
-    p.add_argument("--gen-tokens", type=int, default=8)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None, help="write the report as JSON (and .md beside it)")
-    p.add_argument("--flops-only", action="store_true",
-                   help="print the FLOP ceilings of the perception and cache ratios, timing nothing")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     counts = [int(x) for x in args.images.split(",")]
     if args.flops_only:

@@ -14,10 +14,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from sam_mllm.errors import UserError
+
 CONFIG_ROOT = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be loaded: names the file and the key path."""
 
 
@@ -249,17 +251,3 @@ def _validate(cfg: Config, source: str) -> None:
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def parse_cli(argv: list[str] | None = None, description: str = "") -> Config:
-    """``--config FILE key=value ...`` as used by every entry point."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", default=None, help="YAML file or a name under configs/")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. model.context=others")
-    args = parser.parse_args(argv)
-    try:
-        return load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        parser.exit(2, f"error: {exc}\n")

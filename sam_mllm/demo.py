@@ -8,15 +8,13 @@ frozen, evaluates both on the three synthetic tasks, prints a comparison table a
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import time
 from pathlib import Path
 
+from sam_mllm import cli
 from sam_mllm.config import Config, load_config
-from sam_mllm.evaluate import evaluate
-from sam_mllm.train import train
 
 VARIANTS = {"+DATA": "demo/data", "SAM": "demo/sam"}
 METRICS = ("ROUGE_L", "CIDEr", "BLEU_4")
@@ -36,6 +34,9 @@ def ensure_data(data_root: Path, seed: int, mmlink_instructions: str = "fixed") 
 def run_variant(config: str, out: Path, seed: int, extra: list[str]) -> tuple[Config, dict]:
     over = [f"output_dir={out}", f"data_root={out.parent / 'data'}", f"seed={seed}", "train.resume=latest", *extra]
     cfg = load_config(config, over)
+    from sam_mllm.evaluate import evaluate  # torch loads here, so that --help answers at once
+    from sam_mllm.train import train
+
     if cfg.train.max_steps > 0 and cfg.model.trainable != []:
         final = train(cfg)
         cfg.model.checkpoint = str(final)
@@ -77,12 +78,18 @@ def write_index(out: Path, results: dict[str, dict[str, dict]], seconds: float) 
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/demo")
+def build_parser():
+    p = cli.parser("sam_mllm.demo", __doc__)
+    p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("overrides", nargs="*", help="key=value overrides for both models (e.g. train.max_steps=50)")
-    args = p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides for both models (e.g. train.max_steps=50)")
+    return p
+
+
+@cli.entry_point
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     start = time.monotonic()
     out = Path(args.out)
     ensure_data(out / "data", args.seed)

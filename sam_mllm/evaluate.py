@@ -9,6 +9,11 @@ the main process merges the predictions and scores them, so metrics equal a one-
 
 from __future__ import annotations
 
+from sam_mllm import cli
+
+if __name__ == "__main__":  # --help and config questions answer here, before torch is imported
+    cli.answer_early("sam_mllm.evaluate", __doc__)
+
 import json
 import os
 import random
@@ -21,8 +26,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from sam_mllm import registry
-from sam_mllm.config import Config, DatasetConfig, parse_cli, to_yaml
-from sam_mllm.data.processing import ImageLoadError, Processor, load_image, to_device
+from sam_mllm.config import Config, ConfigError, DatasetConfig, to_yaml
+from sam_mllm.data.processing import Processor, load_image, to_device
 from sam_mllm.data.schema import DataError, Sample, read_annotations
 from sam_mllm.metrics import score
 from sam_mllm.models import SAMModel, build_model
@@ -194,7 +199,8 @@ def evaluate(cfg: Config, model: SAMModel | None = None, accelerator: Accelerato
              out_dir: Path | None = None) -> dict[str, dict]:
     """Evaluate on every dataset of ``cfg.eval.datasets``; returns {dataset: summary} (main process)."""
     if not cfg.eval.datasets:
-        raise ValueError("eval.datasets is empty: name at least one dataset in the config")
+        raise ConfigError("eval.datasets is empty: give --config (e.g. --config eval/clevr_change; see "
+                          "--list-configs) or name the datasets in eval.datasets")
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -231,12 +237,9 @@ def format_table(results: dict[str, dict], keys: Sequence[str] = ("ROUGE_L", "CI
     return "\n".join(lines)
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_cli(argv, description=__doc__.splitlines()[0])
-    try:
-        evaluate(cfg)
-    except (DataError, ImageLoadError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    evaluate(cli.parse_config(argv, "sam_mllm.evaluate", __doc__))
 
 
 if __name__ == "__main__":

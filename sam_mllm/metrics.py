@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from sam_mllm.errors import UserError
 from sam_mllm.registry import register
 
 PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
@@ -25,7 +26,7 @@ _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
 SUMMARY_KEYS = {"rouge_l": "ROUGE_L", "cider": "CIDEr", "bleu4": "BLEU_4"}
 
 
-class MetricError(ValueError):
+class MetricError(UserError, ValueError):
     """Input the metrics cannot score; names the sample."""
 
 

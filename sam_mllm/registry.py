@@ -10,6 +10,8 @@ import importlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from sam_mllm.errors import UserError
+
 # mmlink_*: the stages of the MmLINK synthesis pipeline (sam_mllm.data.mmlink).
 MMLINK_STAGE_KINDS = tuple(f"mmlink_{s}" for s in ("source", "segmenter", "compositor", "writer", "inpainter",
                                                    "describer", "refiner", "qc"))
@@ -31,7 +33,7 @@ _loaded: set[str] = set()
 T = TypeVar("T")
 
 
-class RegistryError(KeyError):
+class RegistryError(UserError, KeyError):
     """An unknown kind, an unknown name or a duplicate registration."""
 
     def __str__(self) -> str:  # KeyError would quote the message

@@ -9,6 +9,11 @@ never damages the last good checkpoint.
 
 from __future__ import annotations
 
+from sam_mllm import cli
+
+if __name__ == "__main__":  # --help and config questions answer here, before torch is imported
+    cli.answer_early("sam_mllm.train", __doc__)
+
 import copy
 import json
 import math
@@ -24,11 +29,12 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from sam_mllm.config import Config, ConfigError, parse_cli, to_yaml
+from sam_mllm.config import Config, ConfigError, to_yaml
 from sam_mllm.data.feature_cache import FeatureCache, backbone_fingerprint
-from sam_mllm.data.processing import ImageLoadError, Processor, load_image
+from sam_mllm.data.processing import Processor, load_image
 from sam_mllm.data.sampling import MixtureOrder, step_positions
-from sam_mllm.data.schema import DataError, Sample, read_annotations
+from sam_mllm.data.schema import Sample, read_annotations
+from sam_mllm.errors import UserError
 from sam_mllm.evaluate import dataset_root, read_jsonl
 from sam_mllm.models import SAMModel, build_model
 from sam_mllm.models.checkpoint import save_trainable
@@ -40,7 +46,7 @@ STATE_FILE = "state.pt"
 LOG_FILE = "log.jsonl"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is untouched."""
 
 
@@ -416,12 +422,10 @@ def _tensorboard(out: Path):
     return SummaryWriter(out / "tensorboard")
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_cli(argv, description=__doc__.splitlines()[0])
-    try:
-        final = train(cfg)
-    except (ConfigError, DataError, ImageLoadError, TrainingError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    cfg = cli.parse_config(argv, "sam_mllm.train", __doc__)
+    final = train(cfg)
     print(f"trained parameters: {final}")
 
 

@@ -7,12 +7,12 @@ passthrough (the SAM authors' converted Conceptual / DM800K / AESOP / VIST folde
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import sys
 import warnings
 from pathlib import Path
 
+from sam_mllm import cli
 from sam_mllm.data.convert import CONVERTERS
 from sam_mllm.data.schema import DataError, read_annotations, write_annotations
 
@@ -43,8 +43,9 @@ def prepare(dataset: str, src: Path, out: Path, **options) -> Path:
     return path
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.parser("sam_mllm.data.prepare", __doc__)
     p.add_argument("dataset", choices=sorted(CONVERTERS))
     p.add_argument("--src", required=True, type=Path, help="the release folder (or the .tsv for birds_to_words)")
     p.add_argument("--out", required=True, type=Path, help="dataset folder to write annotations.json into")
@@ -65,14 +66,11 @@ def main(argv: list[str] | None = None) -> None:
                  nonsemantic=False if args.no_nonsemantic else None,
                  skip_missing=True if args.skip_missing else None)
     options = {k: v for k, v in given.items() if v is not None}
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            path = prepare(args.dataset, args.src, args.out, **options)
-        for w in caught:
-            print(f"warning: {w.message}", file=sys.stderr)
-    except DataError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = prepare(args.dataset, args.src, args.out, **options)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     samples, _ = read_annotations(path, check_images=False)
     refs = sum(len(s.all_references) for s in samples) / len(samples)
     images = sum(len(s.img_list) for s in samples)

@@ -19,11 +19,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from sam_mllm.errors import UserError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(UserError, ValueError):
     """An image that cannot be read; names the file and the sample."""
 
 

@@ -18,8 +18,10 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from sam_mllm.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad data; the message names the file, and the sample and field where there is one."""
 
 

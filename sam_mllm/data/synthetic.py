@@ -21,7 +21,6 @@ other images. Output is a pure function of the seed: same seed, byte-identical f
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import multiprocessing
@@ -35,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
+
+from sam_mllm import cli
 
 VERSION = 1
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond", "ring", "heart")
@@ -478,9 +479,10 @@ def generate(out_dir: str | Path, *, seed: int = 0, image_size: int = 64,
     return manifest
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
+    p = cli.parser("sam_mllm.data.synthetic", __doc__)
+    p.add_argument("--out", required=True, help="folder to write the datasets into")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--datasets", default=",".join(d for d in DATASETS if d not in BACKBONE_DATASETS),

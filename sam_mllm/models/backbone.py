@@ -22,10 +22,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from sam_mllm.config import ConfigError
+from sam_mllm.errors import UserError
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class BackboneNotFoundError(FileNotFoundError):
+class BackboneNotFoundError(UserError, FileNotFoundError):
     """The requested weights are not on this machine and cannot be downloaded."""
 
 
@@ -90,7 +93,7 @@ def resolve_dims(dims: Any) -> BackboneDims:
         return dims
     if isinstance(dims, str):
         if dims not in DIMS_PRESETS:
-            raise ValueError(f"unknown dims preset {dims!r}; presets: {', '.join(DIMS_PRESETS)}")
+            raise ConfigError(f"model.dims: unknown preset {dims!r}; presets: {', '.join(DIMS_PRESETS)}")
         return DIMS_PRESETS[dims]
     if isinstance(dims, dict) or hasattr(dims, "items"):
         values = dict(dims)
@@ -98,9 +101,9 @@ def resolve_dims(dims: Any) -> BackboneDims:
         known = {f.name for f in fields(BackboneDims)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"model.dims: unknown key(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"model.dims: unknown key(s) {unknown}; known: {sorted(known)}")
         return BackboneDims(**{**asdict(base), **values})
-    raise ValueError(f"model.dims must be a preset name or a mapping, got {type(dims).__name__}")
+    raise ConfigError(f"model.dims must be a preset name or a mapping, got {type(dims).__name__}")
 
 
 def instructblip_config(dims: BackboneDims, attn_implementation: str = "sdpa") -> InstructBlipConfig:
@@ -172,7 +175,9 @@ def _locate(name_or_path: str) -> Path:
     try:
         return Path(snapshot_download(name_or_path, etag_timeout=10))
     except Exception as exc:  # network errors come in many classes; the cause is kept below
-        raise BackboneNotFoundError(hint + f" Download failed: {type(exc).__name__}: {exc}") from exc
+        # The hub's own message runs over several lines; its first says what failed (--debug shows all).
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise BackboneNotFoundError(hint + f" Download failed: {type(exc).__name__}: {first}") from exc
 
 
 def load_pretrained(

@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from sam_mllm.errors import UserError
+
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "config.yaml"
 
@@ -46,7 +48,7 @@ _LAVIS_DROP = re.compile(r"^(Qformer\.bert\.embeddings\.position_ids|Qformer\.cl
 _QV_BIAS = re.compile(r"^visual_encoder\.blocks\.(\d+)\.attn\.([qv])_bias$")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that does not fit the model: names the file and the keys."""
 
 

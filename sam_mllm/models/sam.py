@@ -23,6 +23,8 @@ from transformers import (
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from sam_mllm.config import ConfigError
+
 GUIDANCE = ("none", "w_former", "linear")
 PATCH_WEIGHTING = ("adaptive", "mean")
 CONTEXT = ("all", "others")
@@ -100,7 +102,7 @@ class SAMModel(nn.Module):
         self.guide_in_layer = _layer_index(guide_in_layer, num_layers, "guide_in_layer")
         self.guide_out_layer = _layer_index(guide_out_layer, num_layers, "guide_out_layer")
         if guidance == "w_former" and self.guide_in_layer > self.guide_out_layer:
-            raise ValueError(
+            raise ConfigError(
                 f"guide_in_layer (l={self.guide_in_layer}) must not come after guide_out_layer "
                 f"(k={self.guide_out_layer}): the W-stream must exist before it can guide"
             )
@@ -450,13 +452,13 @@ def _scatter_images(values: Tensor, image_mask: Tensor, b: int, n: int) -> Tenso
 def _layer_index(index: int, num_layers: int, name: str) -> int:
     resolved = index + num_layers if index < 0 else index
     if not 0 <= resolved < num_layers:
-        raise ValueError(f"model.{name}={index} is outside the Q-Former's {num_layers} layers")
+        raise ConfigError(f"model.{name}={index} is outside the Q-Former's {num_layers} layers")
     return resolved
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(allowed)}")
 
 
 def _zero_(*modules: nn.Linear) -> None:

@@ -18,11 +18,13 @@ import re
 
 from torch import nn
 
+from sam_mllm.errors import UserError
+
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _WILDCARD = re.compile(r"[*?\[]")
 
 
-class TrainableError(ValueError):
+class TrainableError(UserError, ValueError):
     """A ``model.trainable`` entry that names no group and matches no parameter."""
 
 
