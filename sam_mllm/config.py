@@ -121,7 +121,10 @@ class TrainConfig:
     hflip: bool = False
     feature_cache: str | None = None
     mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | no | bf16
-    tensorboard: bool = False
+    # Experiment trackers, through accelerate: tensorboard | wandb | mlflow | comet_ml | aim | clearml |
+    # dvclive | swanlab | trackio (each needs its package; WANDB_MODE=offline etc. work as usual).
+    # log.jsonl and curves.png are written either way.
+    log_with: list[str] = field(default_factory=list)
     resume: str | None = None  # null | latest | path to a checkpoint folder
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -240,9 +241,10 @@ def train(cfg: Config) -> Path:
         raise ConfigError(f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
                           f"micro_batch_size x processes ({t.micro_batch_size} x {world})")
     accum = t.global_batch_size // (t.micro_batch_size * world)
-    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=accum,
-                              cpu=not torch.cuda.is_available())
     out = Path(cfg.output_dir)
+    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=accum,
+                              cpu=not torch.cuda.is_available(), log_with=_trackers(t.log_with) or None,
+                              project_config=ProjectConfiguration(str(out), logging_dir=str(out / "trackers")))
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -293,7 +295,10 @@ def train(cfg: Config) -> Path:
         return batch
 
     loader = DataLoader(items, batch_sampler=sampler, num_workers=t.num_workers, collate_fn=collate)
-    writer = _tensorboard(out) if t.tensorboard and accelerator.is_main_process else None
+    trackers = accelerator if t.log_with else None
+    if trackers is not None:
+        accelerator.init_trackers(out.name or "sam_mllm", config=_flat_config(cfg),
+                                  init_kwargs={"wandb": {"dir": str(out), "name": out.name}})
     bar = tqdm(total=t.max_steps, initial=start, desc="train", unit="step",
                disable=not accelerator.is_local_main_process)
     log = open(out / LOG_FILE, "a", encoding="utf-8") if accelerator.is_main_process else None
@@ -346,28 +351,28 @@ def train(cfg: Config) -> Path:
                 tick, samples_seen = time.monotonic(), 0
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}",
                                 sps=f"{record['samples_per_sec']:.1f}")
-                _log(log, writer, record)
+                _log(log, trackers, record)
             if done % t.save_every == 0 or done == t.max_steps:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_checkpoint(out, done, raw, optimizer, cfg, sea=sea)
             if t.eval_every and t.val_datasets and (done % t.eval_every == 0 or done == t.max_steps):
-                _log(log, writer, {"step": done, **_periodic_eval(cfg, raw, accelerator, out, done)})
+                _log(log, trackers, {"step": done, **_periodic_eval(cfg, raw, accelerator, out, done)})
                 model.train()
         # Data-parallel replicas must end equal; a silent divergence would make the checkpoint
         # (written by the main process alone) unrepresentative of the run.
         flat = torch.cat([p.detach().float().flatten() for p in raw.trainable_state_dict().values()])
         gathered = accelerator.gather(flat[None])
         identical = bool((gathered == gathered[:1]).all())
-        _log(log, writer, {"step": t.max_steps, "replicas_identical": identical})
+        _log(log, trackers, {"step": t.max_steps, "replicas_identical": identical})
         if not identical:
             raise TrainingError("data-parallel replicas ended with different trainable weights")
     finally:
         bar.close()
         if log is not None:
             log.close()
-        if writer is not None:
-            writer.close()
+        if trackers is not None:
+            accelerator.end_training()
 
     accelerator.wait_for_everyone()
     final = out / "final"
@@ -403,23 +408,46 @@ def _trim_log(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _log(file, writer, record: dict) -> None:
+def _log(file, trackers: Accelerator | None, record: dict) -> None:
     if file is None:
         return
     file.write(json.dumps(record) + "\n")
     file.flush()
-    if writer is not None:
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)):
-                writer.add_scalar(k, v, record["step"])
+    if trackers is not None:
+        trackers.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))},
+                     step=record["step"])
 
 
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as exc:
-        raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from exc
-    return SummaryWriter(out / "tensorboard")
+def _trackers(names: list[str]) -> list[str]:
+    """``train.log_with`` checked against accelerate's trackers and the installed packages."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    available = {str(x) for x in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"train.log_with: unknown tracker {name!r}; accelerate's trackers: "
+                              f"{', '.join(LOGGER_TYPE_TO_CLASS)}")
+        if name not in available:  # accelerate would skip it without a word
+            raise ConfigError(f"train.log_with: tracker {name!r} needs its package, which is not installed "
+                              f"(pip install {name}, or pip install 'sam_mllm[tracking]')")
+    return list(names)
+
+
+def _flat_config(cfg: Config) -> dict:
+    """The config as flat ``section.key`` scalars, the form every tracker accepts as hyperparameters."""
+    from omegaconf import OmegaConf
+
+    flat: dict = {}
+
+    def walk(node, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+
+    walk(OmegaConf.to_container(OmegaConf.structured(cfg)), "")
+    return flat
 
 
 @cli.entry_point
