@@ -61,7 +61,7 @@ class ModelConfig:
 
 @dataclass
 class GenerationConfig:
-    # Released code's settings (DESIGN.md §1); paper-comparable evaluation uses them.
+    # Released code's settings (docs/DESIGN.md §1); paper-comparable evaluation uses them.
     num_beams: int = 5
     max_length: int = 256
     min_length: int = 1

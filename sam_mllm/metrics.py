@@ -1,4 +1,4 @@
-"""ROUGE-L, CIDEr and BLEU-4 under the paper's scoring protocol (DESIGN.md §4).
+"""ROUGE-L, CIDEr and BLEU-4 under the paper's scoring protocol (docs/DESIGN.md §4).
 
 The ``paper`` protocol reproduces the released scorer (DEMON's evaluator plus CIDEr/BLEU) with its
 quirks: punctuation is deleted or replaced by a space depending on the *original* text, and only

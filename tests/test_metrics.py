@@ -1,4 +1,4 @@
-"""Our metrics against values computed independently with pycocoevalcap and rouge (DESIGN.md §4)."""
+"""Our metrics against values computed independently with pycocoevalcap and rouge (docs/DESIGN.md §4)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ ORDERED = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-"
 
 
 def reference_normalize(text: str) -> str:
-    """DESIGN.md §4 written independently: explicit loops, no shared code with the module."""
+    """docs/DESIGN.md §4 written independently: explicit loops, no shared code with the module."""
     text = text.replace("\n", " ").replace("\t", " ").strip()
     before = text
     has_number_comma = re.search(r"\d,\d", before) is not None

@@ -1,4 +1,4 @@
-"""The SAM model against DESIGN.md §1: equivalences, a plain reference, batching, parameters."""
+"""The SAM model against docs/DESIGN.md §1: equivalences, a plain reference, batching, parameters."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _randomise_guidance(model: SAMModel, seed: int = 1) -> None:
 
 def _reference_tokens(model: SAMModel, feats: torch.Tensor, q_ids: torch.Tensor, q_mask: torch.Tensor,
                       l: int, k: int, context: str, mean: bool = False) -> torch.Tensor:
-    """DESIGN.md §1 for one sample, written plainly: per image, a full W-stream, W-layer first."""
+    """docs/DESIGN.md §1 for one sample, written plainly: per image, a full W-stream, W-layer first."""
     nq = model.num_query_tokens
     emb = model.qformer.embeddings(input_ids=q_ids, query_embeds=model.query_tokens)
     mask_2d = torch.cat([torch.ones(1, nq), q_mask.float()], dim=1)

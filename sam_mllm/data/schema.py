@@ -1,4 +1,4 @@
-"""The one sample schema (DESIGN.md §3) and a validating reader for ``annotations.json``.
+"""The one sample schema (docs/DESIGN.md §3) and a validating reader for ``annotations.json``.
 
 ``{"id": int | str, "img_list": [paths relative to the dataset folder], "instruction": str,
 "output": str, "references": [str, ...] (optional)}``. Every problem is reported with the file,

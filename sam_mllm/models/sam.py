@@ -1,4 +1,4 @@
-"""SAM composed on transformers' InstructBLIP modules (DESIGN.md §1).
+"""SAM composed on transformers' InstructBLIP modules (docs/DESIGN.md §1).
 
 The Q-Former's own layers are called in a short loop below for two streams: the Q-stream reads
 the current image, the W-stream (the "W-former") reads the merged context of the sample's
@@ -31,7 +31,7 @@ CONTEXT = ("all", "others")
 # qformer: InstructBLIP's Q-Former (num_query tokens per image); mlp: a LLaVA-1.5-style GELU MLP on
 # every ViT patch (one token per patch; the setting in which SEA was published).
 PERCEIVER = ("qformer", "mlp")
-# Generation settings of the released code (DESIGN.md §1); ``max_length``/``min_length`` count the
+# Generation settings of the released code (docs/DESIGN.md §1); ``max_length``/``min_length`` count the
 # generated tokens only, as LAVIS's did when it generated from embeddings.
 RELEASED_GENERATION = dict(
     num_beams=5, max_length=256, min_length=1, repetition_penalty=1.5, length_penalty=1.0, do_sample=False
@@ -462,7 +462,7 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 
 def _zero_(*modules: nn.Linear) -> None:
-    # Zero W_in / W_out make an untrained SAM exactly InstructBLIP (DESIGN.md §1).
+    # Zero W_in / W_out make an untrained SAM exactly InstructBLIP (docs/DESIGN.md §1).
     for m in modules:
         if m.weight.device.type != "meta":
             nn.init.zeros_(m.weight)
