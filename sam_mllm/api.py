@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from sam_mllm.config import Config, load_config
+from sam_mllm import hub
+from sam_mllm.config import Config, ConfigError, load_config, resolve_config_path
 from sam_mllm.data.processing import Processor, load_image, to_device
 from sam_mllm.models import SAMModel, build_model
 from sam_mllm.models.checkpoint import ADAPTER_FILE, CONFIG_FILE
@@ -45,12 +46,16 @@ def load_model(config: str | Path | None = None, checkpoint: str | Path | None =
                device: str | torch.device | None = None, overrides: Sequence[str] = ()) -> Pipeline:
     """A ready pipeline from a config (name under configs/ or path) and optionally a trained checkpoint.
 
-    ``checkpoint`` is a folder written by training (``adapter.safetensors`` + ``config.yaml``) or an
-    adapter file; given a folder and no ``config``, the folder's own config rebuilds the model.
+    ``checkpoint`` is a folder written by training or ``python -m sam_mllm.hub export``
+    (``adapter.safetensors`` + ``config.yaml``), a Hugging Face Hub id of such a folder
+    (``user/repo``), or an adapter file; given a folder and no ``config``, the folder's own config
+    rebuilds the model. A model folder or Hub id may also come first: ``load_model("user/repo")``.
     With neither, the defaults describe SAM on InstructBLIP-Vicuna-7B; ``load_model("demo/sam")``
-    is the embedded tiny model.
+    is the embedded tiny model (a shipped config name wins over a Hub id of the same spelling).
     """
-    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if config is not None and checkpoint is None and _names_a_model(str(config)):
+        config, checkpoint = None, config
+    ckpt = hub.locate(checkpoint) if checkpoint is not None else None
     if config is None and ckpt is not None and (ckpt / CONFIG_FILE).is_file():
         config = ckpt / CONFIG_FILE
     extra = list(overrides)
@@ -60,3 +65,16 @@ def load_model(config: str | Path | None = None, checkpoint: str | Path | None =
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg.model).to(device)
     return Pipeline(model, cfg)
+
+
+def _names_a_model(name: str) -> bool:
+    """A model folder, or a Hub id that is not also the name of a shipped config."""
+    if hub.is_model_folder(name):
+        return True
+    if not hub.looks_like_hub_id(name):
+        return False
+    try:
+        resolve_config_path(name)
+    except ConfigError:
+        return True
+    return False
