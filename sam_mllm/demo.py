@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for variant, config in VARIANTS.items():
         _, results[variant] = run_variant(config, out / variant.strip("+").lower(), args.seed, args.overrides)
-    print()
+    print("\nall models (+DATA: InstructBLIP with language_projection trained; SAM: adaptive weighting + guidance)")
     print(table(results))
     index = write_index(out, results, time.monotonic() - start)
     print(f"\nreports: {index}  ({time.monotonic() - start:.0f} s)")

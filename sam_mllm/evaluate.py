@@ -225,6 +225,9 @@ def evaluate(cfg: Config, model: SAMModel | None = None, accelerator: Accelerato
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json(out_dir / "metrics.json", results)
+        m = cfg.model
+        weights = m.checkpoint or m.lavis_checkpoint or "untrained"
+        print(f"\nmodel {m.name} on {m.backbone if m.dims is None else f'dims={m.dims}'} ({weights}) -> {out_dir}")
         print(format_table(results))
     return results
 

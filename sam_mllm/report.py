@@ -273,11 +273,14 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def plot_curves(jsonl_path: str | Path, png_path: str | Path, *, x: str = "step") -> Path | None:
+def plot_curves(jsonl_path: str | Path, png_path: str | Path, *, x: str = "step",
+                title: str | None = None) -> Path | None:
     """Draw one panel per numeric field of a JSONL log against ``x`` and save it as a PNG.
 
     Lines may carry different fields (training lines: ``loss``, ``lr``, ...; evaluation lines:
-    ``eval/<dataset>/<metric>``). Panels come as ``loss``, ``lr``, then the rest sorted by name. Lines
+    ``eval/<dataset>/<metric>``). Panels come as ``loss``, ``lr``, the other training fields, then
+    the validation metrics of periodic evaluation, every cell of the grid filled (a short last row
+    gets wider panels). ``title`` (default: the log's folder, i.e. the run) heads the figure. Lines
     that are not JSON objects (e.g. a last line torn by a crash), lines without a numeric ``x`` and
     non-numeric values are skipped; when a step was logged twice (a resumed run), the last value wins.
 
@@ -288,8 +291,6 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path, *, x: str = "step"
         # Imported here so that the library works without matplotlib; ``import matplotlib`` first, so a
         # missing package is caught even when a submodule is still cached in sys.modules.
         import matplotlib
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
     except ImportError:
         warnings.warn("plotting training curves needs matplotlib: pip install matplotlib "
                       f"(skipped {png_path})", stacklevel=2)
@@ -311,25 +312,45 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path, *, x: str = "step"
     if not series:
         warnings.warn(f"no numeric fields to plot in {jsonl_path}", stacklevel=2)
         return None
+    fig = curves_figure(series, x, title if title is not None else Path(jsonl_path).resolve().parent.name)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    png_path = Path(png_path)
+    _atomic_write(png_path, buf.getvalue())
+    return png_path
+
+
+def curves_figure(series: Mapping[str, Mapping[float, float]], x: str = "step", title: str = ""):
+    """The matplotlib Figure of :func:`plot_curves` from ``{field: {x: value}}``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     first = [k for k in ("loss", "lr") if k in series]
-    order = first + sorted(k for k in series if k not in first)
+    rest = sorted(k for k in series if k not in first)
+    order = first + [k for k in rest if not k.startswith("eval/")] + [k for k in rest if k.startswith("eval/")]
     cols = min(3, len(order))
     nrows = -(-len(order) // cols)
+    last = len(order) - cols * (nrows - 1)  # panels in the last row
+    # A grid of cols * last columns: full rows' panels span `last` columns, the last row's span `cols`,
+    # so a short last row is stretched instead of leaving empty cells.
     # A bare Figure with an Agg canvas leaves pyplot's global backend and figure list alone, which matters
     # when this runs inside a notebook or another program's process.
-    fig = Figure(figsize=(4.6 * cols, 2.9 * nrows))
+    fig = Figure(figsize=(4.6 * cols, 2.9 * nrows + (0.4 if title else 0)))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, cols, squeeze=False)
+    grid = fig.add_gridspec(nrows, cols * last)
     # One x range for every panel, so that sparse evaluation points line up with the training curves.
     all_x = [step for points in series.values() for step in points]
     lo, hi = min(all_x), max(all_x)
     pad = (hi - lo) * 0.03 or 1
-    for ax, key in zip(axes.flat, order):
+    for i, key in enumerate(order):
+        row, col = divmod(i, cols)
+        span = cols if row == nrows - 1 else last
+        ax = fig.add_subplot(grid[row, col * span:(col + 1) * span])
         points = sorted(series[key].items())
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         # Evaluation fields have a handful of points; markers keep a single one visible.
-        ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, linewidth=1.2)
+        ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, linewidth=1.2,
+                color="tab:orange" if key.startswith("eval/") else "tab:blue")
         ax.set_xlim(lo - pad, hi + pad)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel(x, fontsize=8)
@@ -337,14 +358,10 @@ def plot_curves(jsonl_path: str | Path, png_path: str | Path, *, x: str = "step"
         ax.grid(alpha=0.3)
         if key == "lr" or key.endswith("/lr"):
             ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
-    for ax in list(axes.flat)[len(order):]:
-        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    png_path = Path(png_path)
-    _atomic_write(png_path, buf.getvalue())
-    return png_path
+    return fig
 
 
 def write_side_by_side_report(path: str | Path, *, title: str, samples: Sequence[Mapping],

@@ -387,7 +387,7 @@ def train(cfg: Config) -> Path:
         os.replace(tmp, final)
         from sam_mllm.report import plot_curves
 
-        plot_curves(out / LOG_FILE, out / "curves.png")
+        plot_curves(out / LOG_FILE, out / "curves.png", title=f"{out} ({cfg.model.name})")
     return final
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 from PIL import Image
 
-from sam_mllm.report import plot_curves, write_html_report
+from sam_mllm.report import curves_figure, plot_curves, write_html_report
 
 
 def _images(folder, n: int) -> list[str]:
@@ -83,6 +83,20 @@ def test_plot_curves_writes_png(tmp_path):
     assert png == tmp_path / "curves.png"
     with Image.open(png) as im:
         assert im.format == "PNG" and im.width > 0 and im.height > 0
+
+
+def test_curves_fill_the_grid_with_training_then_validation_panels():
+    series = {"loss": {1: 2.0, 2: 1.5}, "lr": {1: 1e-3, 2: 5e-4}, "grad_norm": {1: 1.0, 2: 0.9},
+              "samples_per_sec": {1: 3.0, 2: 3.1}, "eval/mmlink/CIDEr": {2: 40.0}}
+    fig = curves_figure(series, title="runs/x (sam)")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["loss", "lr", "grad_norm", "samples_per_sec", "eval/mmlink/CIDEr"]  # 5 panels, no blanks
+    assert fig._suptitle.get_text() == "runs/x (sam)"
+    # the short last row is stretched: its two panels together are as wide as the three above
+    first_row = [ax.get_position() for ax in fig.axes[:3]]
+    last_row = [ax.get_position() for ax in fig.axes[3:]]
+    assert last_row[-1].x1 == pytest.approx(first_row[-1].x1, abs=0.02)
+    assert last_row[0].width > first_row[0].width * 1.3
 
 
 def test_plot_curves_without_matplotlib_warns(tmp_path, monkeypatch):
