@@ -18,16 +18,16 @@ scored against their own ``gt_response`` (the released ``evaluate_score.py``'s p
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from sam_mllm import cli
 from sam_mllm.config import Config, ConfigError, DatasetConfig, load_config
 from sam_mllm.data.schema import DataError, Sample
 from sam_mllm.evaluate import PREDICTIONS, EvalSet, load_eval_set, read_jsonl, score_eval_set
-from sam_mllm.metrics import MetricError, normalize
+from sam_mllm.metrics import normalize
 
 ID_KEYS = ("id", "sample_id")
 PREDICTION_KEYS = ("prediction", "pred_response")
@@ -209,8 +209,9 @@ def run(cfg: Config, files: Sequence[str | Path], dataset: str | None, task: str
     return results
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`"))
+    p = cli.parser("sam_mllm.score", __doc__)
     p.add_argument("inputs", nargs="+", metavar="FILE_OR_KEY=VALUE",
                    help="prediction files (pred.json, predictions.jsonl) or folders holding one; and key=value "
                    "config overrides, e.g. eval.references=paper data_root=/data")
@@ -225,11 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     files = [f for f in args.inputs if "=" not in f or Path(f).exists()]
     overrides = [f for f in args.inputs if f not in files]
     names = args.names.split(",") if args.names else None
-    try:
-        cfg = load_config(args.config, ["eval.check_images=false", *overrides])
-        results = run(cfg, files, args.dataset, args.task, Path(args.out), names, args.sort_metric)
-    except (ConfigError, DataError, MetricError) as exc:
-        raise SystemExit(f"error: {exc}") from None
+    cfg = load_config(args.config, ["eval.check_images=false", *overrides])
+    results = run(cfg, files, args.dataset, args.task, Path(args.out), names, args.sort_metric)
     from sam_mllm.evaluate import format_table
 
     print(format_table(results))

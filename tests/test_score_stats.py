@@ -62,7 +62,7 @@ def test_released_file_without_dataset_is_scored_against_its_gt_response(tmp_pat
     assert {k: got["m"][k] for k in want} == want and got["m"]["ROUGE_L"] > 0
 
 
-def test_prediction_files_that_do_not_fit_fail_naming_the_sample(tmp_path):
+def test_prediction_files_that_do_not_fit_fail_naming_the_sample(tmp_path, capsys):
     data = tmp_path / "tiny"
     write_dataset(data, n=3)
     cfg = load_config(None, [f"data_root={tmp_path}"])
@@ -80,8 +80,9 @@ def test_prediction_files_that_do_not_fit_fail_naming_the_sample(tmp_path):
     bad.write_text('{"id": 0, "prediction": "a"}\n{"id": 0, "prediction": "b"}\n')
     with pytest.raises(PredictionFileError, match=r"record #1: id 0 already used by record #0"):
         read_predictions(bad)
-    with pytest.raises(SystemExit, match="give its --task"):
+    with pytest.raises(SystemExit) as exit_info:
         score_main([str(bad), "--dataset", str(data)])
+    assert exit_info.value.code == 2 and "give its --task" in capsys.readouterr().err
 
 
 def _two_runs(tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -159,5 +160,6 @@ def test_stats_cli(tmp_path, capsys):
     write_dataset(tmp_path / "tiny", n=3)
     stats_main([str(tmp_path / "tiny"), "--no-images", "--out", str(tmp_path / "t.md")])
     assert "| tiny | 3 |" in capsys.readouterr().out and (tmp_path / "t.md").is_file()
-    with pytest.raises(SystemExit, match="annotations file not found"):
+    with pytest.raises(SystemExit) as exit_info:
         stats_main([str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2 and "annotations file not found" in capsys.readouterr().err

@@ -11,7 +11,6 @@ samples of each dataset, and ``--no-images`` skips it.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import re
 import statistics
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from sam_mllm import cli
 from sam_mllm.data.processing import load_image
 from sam_mllm.data.schema import Sample, read_annotations
 
@@ -111,18 +111,17 @@ def to_markdown(rows: Sequence[DatasetStats]) -> str:
     return "\n".join(lines)
 
 
+@cli.entry_point
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0].strip("`"))
+    p = cli.parser("sam_mllm.data.stats", __doc__)
     p.add_argument("datasets", nargs="+", help="dataset folders (holding annotations.json) or annotations files")
     p.add_argument("--no-images", action="store_true", help="skip the image-pair similarity (reads no image)")
     p.add_argument("--similarity-samples", type=int, default=None,
                    help="compute the similarity on the first N multi-image samples of each dataset")
     p.add_argument("--out", help="also write the Markdown table to this file")
     args = p.parse_args(argv)
-    try:
-        rows = [dataset_stats(d, not args.no_images, args.similarity_samples) for d in args.datasets]
-    except ValueError as exc:  # DataError and ImageLoadError name the file and the sample
-        raise SystemExit(f"error: {exc}") from None
+    # DataError and ImageLoadError name the file and the sample; cli.entry_point prints them in one line.
+    rows = [dataset_stats(d, not args.no_images, args.similarity_samples) for d in args.datasets]
     text = to_markdown(rows)
     print(text)
     if args.out:
