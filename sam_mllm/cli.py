@@ -128,19 +128,36 @@ def answer_early(module: str, doc: str | None = None,
 
 
 def _field_docs(cls: type) -> dict[str, str]:
-    """Field -> its comment in the dataclass source (the lines above it and an inline ``# ...``)."""
+    """Field -> its comment in the dataclass source: the comment lines above it plus an inline ``# ...``.
+
+    A comment above a run of fields with one name prefix (``guide_in_layer``, ``guide_out_layer``)
+    documents all of them.
+    """
     docs: dict[str, str] = {}
-    pending: list[str] = []
+    block: list[str] = []
+    block_prefix = None
+    reading_comment = False
     for line in inspect.getsource(cls).splitlines()[1:]:
         s = line.strip()
         if s.startswith("#"):
-            pending.append(s.lstrip("#").strip())
+            block = block if reading_comment else []
+            block.append(s.lstrip("#").strip())
+            block_prefix, reading_comment = None, True
             continue
+        reading_comment = False
         m = re.match(r"([A-Za-z_]\w*)\s*:", s)
-        if m:
-            inline = s.split("  # ", 1)[1].strip() if "  # " in s else ""
-            docs[m.group(1)] = _plain(" ".join([*pending, inline]).strip())
-        pending = []
+        if not m:
+            block = []
+            continue
+        name = m.group(1)
+        inline = s.split("  # ", 1)[1].strip() if "  # " in s else ""
+        prefix = name.split("_")[0]
+        if block_prefix is None:
+            block_prefix = prefix
+        shared = block if prefix == block_prefix else []
+        docs[name] = _plain(" ".join([*shared, inline]).strip())
+        if prefix != block_prefix:
+            block = []
     return docs
 
 

@@ -51,8 +51,8 @@ class ModelConfig:
     checkpoint: str | None = None
     dtype: str = "float32"  # float32 | bfloat16 (weights of the frozen backbone)
     attn_implementation: str = "sdpa"  # sdpa | eager
-    gradient_checkpointing: bool = False
-    max_images: int = 8
+    gradient_checkpointing: bool = False  # recompute the frozen LLM's activations in backward (less memory)
+    max_images: int = 8  # most images a sample may have
     # Token budgets of LAVIS's InstructBLIP (prompt truncated from the left, answer from the right).
     max_prompt_tokens: int = 128
     max_answer_tokens: int = 256
@@ -63,8 +63,8 @@ class ModelConfig:
 class GenerationConfig:
     # Released code's settings (docs/DESIGN.md §1); paper-comparable evaluation uses them.
     num_beams: int = 5
-    max_length: int = 256
-    min_length: int = 1
+    max_length: int = 256  # most generated tokens (the prompt is not counted)
+    min_length: int = 1  # fewest generated tokens
     repetition_penalty: float = 1.5
     length_penalty: float = 1.0
     do_sample: bool = False
@@ -86,16 +86,16 @@ class DatasetConfig:
 @dataclass
 class EvalConfig:
     datasets: list[DatasetConfig] = field(default_factory=list)
-    batch_size: int = 4
+    batch_size: int = 4  # samples per generate call and process
     num_workers: int = 0
     # What each prediction is scored against: paper = the sample's one `output` (the converters build
     # it as DEMON built the response the paper scored against; the paper configs use it) | all =
     # every reference of the sample (`references`), the cleaner multi-reference alternative.
     references: str = "all"
-    protocol: str = "paper"
+    protocol: str = "paper"  # paper (the released scorer, quirks included) | clean (docs/DESIGN.md §4)
     metrics: list[str] = field(default_factory=lambda: ["rouge_l", "cider", "bleu4"])
-    skip_bad: bool = False
-    check_images: bool = True
+    skip_bad: bool = False  # list bad samples and score the rest, instead of stopping at the first
+    check_images: bool = True  # open every image before generating, so a bad file fails early
     html_report: bool = True
     max_samples: int | None = None
 
@@ -103,23 +103,23 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     datasets: list[DatasetConfig] = field(default_factory=list)
-    val_datasets: list[DatasetConfig] = field(default_factory=list)
+    val_datasets: list[DatasetConfig] = field(default_factory=list)  # evaluated every eval_every steps
     lr: float = 2e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.05
     warmup_steps: int = 240
-    max_steps: int = 1000
-    global_batch_size: int = 20
-    micro_batch_size: int = 4
+    max_steps: int = 1000  # optimizer steps
+    global_batch_size: int = 20  # samples per optimizer step, over all processes and accumulation
+    micro_batch_size: int = 4  # samples per forward pass and process
     grad_clip: float = 1.0
-    save_every: int = 500
-    eval_every: int = 0
-    log_every: int = 10
+    save_every: int = 500  # steps between checkpoints (the last 3 are kept)
+    eval_every: int = 0  # steps between evaluations on val_datasets; 0 = never
+    log_every: int = 10  # steps between log.jsonl lines
     num_workers: int = 0
     augment: str = "random_resized_crop"  # none | random_resized_crop
     crop_scale: list[float] = field(default_factory=lambda: [0.5, 1.0])
     hflip: bool = False
-    feature_cache: str | None = None
+    feature_cache: str | None = None  # folder caching the frozen vision features (needs augment=none)
     mixed_precision: str = "auto"  # auto (bf16 on GPU, no on CPU) | no | bf16
     # Experiment trackers, through accelerate: tensorboard | wandb | mlflow | comet_ml | aim | clearml |
     # dvclive | swanlab | trackio (each needs its package; WANDB_MODE=offline etc. work as usual).
@@ -165,7 +165,7 @@ class Config:
     sea: SEAConfig = field(default_factory=SEAConfig)
     # Root that relative dataset paths are resolved against.
     data_root: str = "data"
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/default"  # everything a run writes goes here
     seed: int = 0
 
 
