@@ -14,6 +14,7 @@ from PIL import Image
 from sam_mllm.config import ConfigError
 from sam_mllm.data import synthetic
 from sam_mllm.data.mmlink import MmlinkPipeline, PipelineError, build_stages, load_mmlink_config, run
+from sam_mllm.data.mmlink.tiny import build_tiny_components, identity_folders
 from sam_mllm.data.schema import read_annotations
 
 
@@ -184,106 +185,14 @@ def test_compositor_keeps_the_main_object_whole():
 
 # ------------------------------------------------------------------ model-backed stages, tiny and random
 
-def _clip_tokenizer(folder):
-    """A real CLIPTokenizer over a character-level vocabulary (no merges)."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-":
-        vocab.setdefault(ch, len(vocab))
-        vocab.setdefault(ch + "</w>", len(vocab))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-
-
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    """Random tiny SD-inpainting pipeline, Segment Anything, LLaMA and CLIP, saved as local folders."""
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
-    from transformers import (
-        AutoTokenizer,
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTextConfig,
-        CLIPTextModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-        SamConfig,
-        SamImageProcessor,
-        SamMaskDecoderConfig,
-        SamModel,
-        SamProcessor,
-        SamPromptEncoderConfig,
-        SamVisionConfig,
-    )
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # these models are tiny: threads only add overhead on a shared machine
-    root = tmp_path_factory.mktemp("tiny_models")
-    torch.manual_seed(0)
-    tok = _clip_tokenizer(root / "clip_tok")
-    text = CLIPTextConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                          num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                          pad_token_id=1, projection_dim=16)
-    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=16, in_channels=9,
-                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-                                norm_num_groups=4, attention_head_dim=4)
-    vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        norm_num_groups=4, sample_size=32)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    StableDiffusionInpaintPipeline(vae=vae, text_encoder=CLIPTextModel(text), tokenizer=tok, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False).save_pretrained(root / "sd")
-    sam = SamModel(SamConfig(
-        vision_config=SamVisionConfig(hidden_size=16, output_channels=8, num_hidden_layers=2, num_attention_heads=2,
-                                      image_size=64, patch_size=16, mlp_dim=32, window_size=2,
-                                      global_attn_indexes=[1], num_pos_feats=4),
-        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=8, image_size=64, patch_size=16,
-                                                     mask_input_channels=4),
-        mask_decoder_config=SamMaskDecoderConfig(hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
-                                                 mlp_dim=16, iou_head_hidden_dim=8)))
-    sam.save_pretrained(root / "sam")
-    SamProcessor(SamImageProcessor(size={"longest_edge": 64}, pad_size={"height": 64, "width": 64},
-                                   mask_size={"longest_edge": 16}, mask_pad_size={"height": 16, "width": 16})
-                 ).save_pretrained(root / "sam")
-    llm_tok = AutoTokenizer.from_pretrained("sam_mllm/assets/tiny_backbone")
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(llm_tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
-                                 bos_token_id=llm_tok.bos_token_id, eos_token_id=llm_tok.eos_token_id,
-                                 pad_token_id=llm_tok.pad_token_id)).save_pretrained(root / "llm")
-    llm_tok.save_pretrained(root / "llm")
-    from transformers import CLIPVisionConfig
-
-    clip = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
-        patch_size=8, projection_dim=16).to_dict(), projection_dim=16))
-    clip.save_pretrained(root / "clip")
-    CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                  tok).save_pretrained(root / "clip")
-    yield root
+    yield build_tiny_components(tmp_path_factory.mktemp("tiny_models"))
     torch.set_num_threads(threads)
-
-
-def _identity_folders(root):
-    """Four identities (synthetic objects photographed on plain backgrounds), 2-3 RGB images each."""
-    for j, obj in enumerate([("star", "red", "plain"), ("circle", "blue", "striped"), ("square", "green", "dotted"),
-                             ("heart", "yellow", "checkered")]):
-        folder = root / "_".join(obj)
-        folder.mkdir(parents=True)
-        for k in range(2 + j % 2):
-            sprite = synthetic.render_object(*obj, 40, 15.0 * k - 10)
-            photo = Image.new("RGBA", (48, 56), (230 - 20 * k, 225, 215, 255))
-            photo.alpha_composite(sprite, (4, 8))
-            photo.convert("RGB").save(folder / f"{k}.jpg", quality=95)
-    (root / "star_red_plain" / "description.txt").write_text("a red star")
 
 
 def _model_cfg(tmp_path, models, name, *overrides):
@@ -301,7 +210,7 @@ def _model_cfg(tmp_path, models, name, *overrides):
 
 
 def test_model_backed_pipeline_end_to_end(tiny_models, tmp_path):
-    _identity_folders(tmp_path / "identities")
+    identity_folders(tmp_path / "identities")
     cfg = _model_cfg(tmp_path, tiny_models, "a")
     stages = build_stages(cfg)
     summary = MmlinkPipeline(cfg, stages).run(progress=False)
@@ -330,7 +239,14 @@ def test_model_backed_pipeline_end_to_end(tiny_models, tmp_path):
                     refiner=_Counting(stages["refiner"], "refine"))
     with pytest.raises(KeyboardInterrupt):
         MmlinkPipeline(cfg_b, counting).run(progress=False)
-    resumed = dict(counting, inpainter=_Counting(stages["inpainter"], "inpaint"))
+    composed = []
+
+    class Capturing:
+        def compose(self, *args):
+            composed.append(stages["compositor"].compose(*args))
+            return composed[-1]
+
+    resumed = dict(counting, inpainter=_Counting(stages["inpainter"], "inpaint"), compositor=Capturing())
     MmlinkPipeline(cfg_b, resumed).run(progress=False)
     inpaint_seeds = counting["inpainter"].seeds + resumed["inpainter"].seeds
     assert len(inpaint_seeds) == len(set(inpaint_seeds)) == 2 * summary.attempted - 2 * sum(
@@ -340,20 +256,19 @@ def test_model_backed_pipeline_end_to_end(tiny_models, tmp_path):
     assert _provenance(root) == _provenance(tmp_path / "b")
 
     # The objects' pixels survive inpainting: the main object's are the cut-out's in both images, the
-    # distractors are other identities' pixels; everything else was painted by the model.
-    record = MmlinkPipeline(_model_cfg(tmp_path, tiny_models, "c"), stages).make_sample(int(
-        json.loads((root / "provenance" / f"{samples[0].id}.json").read_text())["index"]))
-    for k, (image, comp) in enumerate(zip(record["_images"], record["_compositions"])):
-        assert np.array_equal(np.asarray(image), np.asarray(Image.open(root / samples[0].img_list[k])))
-        img, canvas = np.asarray(image), np.asarray(comp.canvas)
+    # distractors are other identities' pixels; everything else was painted by the model. Sample 0 was
+    # cut short by the kill, so the resumed run composed its canvases again.
+    first = json.loads((root / "provenance" / "mmlink-00000.json").read_text())
+    assert len(composed) >= 2 and first["img_list"]
+    for k, comp in enumerate(composed[:2]):
+        img, canvas = np.asarray(Image.open(root / first["img_list"][k])), np.asarray(comp.canvas)
         main = comp.main_alpha == 255
         assert main.any() and np.array_equal(img[main], canvas[main])
         others = (comp.alpha == 255) & ~main
-        assert np.array_equal(img[others], canvas[others])
+        assert others.any() and np.array_equal(img[others], canvas[others])
         assert not np.array_equal(img[comp.alpha == 0], canvas[comp.alpha == 0])
-    boxes = record["layout"]
-    assert boxes[0][-1]["identity"] == boxes[1][-1]["identity"] == record["source"]["identities"]["main"]
-    assert {b["identity"] for b in boxes[0][:-1]} != {b["identity"] for b in boxes[1][:-1]}
+        assert comp.boxes[-1]["identity"] == first["source"]["identities"]["main"]
+    assert {b["identity"] for b in composed[0].boxes[:-1]} != {b["identity"] for b in composed[1].boxes[:-1]}
 
 
 def test_missing_weights_and_missing_extra_are_clear(tmp_path, monkeypatch):

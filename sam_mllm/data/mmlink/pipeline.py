@@ -161,7 +161,7 @@ class MmlinkPipeline:
         record: dict[str, Any] = {
             "id": sid, "index": index, "version": PROVENANCE_VERSION, "run_seed": seed,
             "seeds": {s: seed_for(seed, index, s) for s in STAGES},
-            "models": {s: getattr(st[s], "model_id", type(st[s]).__name__) for s in STAGES},
+            "models": {s: getattr(st[s], "model_id", getattr(self.cfg, s)["name"]) for s in STAGES},
             "source": {"main": [it.origin for it in group.main],
                        "distractors": [[it.origin for it in d] for d in group.distractors],
                        "identities": {"main": group.main[0].identity,
