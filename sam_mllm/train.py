@@ -3,8 +3,9 @@
 Read it top to bottom: config -> model -> data (mixture order, optional feature cache) -> optimizer
 and schedule -> resume -> the loop (accumulate, clip, step, log, checkpoint, evaluate) -> final
 checkpoint and curves. Only the trainable parameters are saved (a small safetensors file), plus
-the resume state; both are written to a temporary folder that is renamed when complete, so a crash
-never damages the last good checkpoint.
+the resume state; both are written to a temporary folder that is flushed to disk and renamed when
+complete, so a crash never damages the last good checkpoint (``sam_mllm/resume.py``). Non-finite
+gradients or weights stop the run before they reach the optimizer step or a checkpoint.
 """
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ from sam_mllm.models import SAMModel, build_model
 from sam_mllm.models.checkpoint import save_trainable
 from sam_mllm.objectives.labellers import build_label_cache, build_labeller, patch_grid
 from sam_mllm.objectives.sea import SEAObjective, collate_patch_labels
+from sam_mllm.resume import (
+    ResumeStateError,
+    complete_checkpoints,
+    fsync_dir,
+    latest_good_checkpoint,
+    load_state,
+    remove_stale,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "state.pt"
@@ -190,32 +202,37 @@ def checkpoint_dir(out: Path, step: int) -> Path:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    # Only complete checkpoints have their final name (they are renamed into place when done).
-    found = sorted(p for p in (out / CHECKPOINTS).glob("step_*") if (p / STATE_FILE).is_file())
-    return found[-1] if found else None
+    # Only complete checkpoints have their final name (``.tmp`` folders never count); a newer one
+    # that does not load or holds non-finite weights is named and skipped for the one before it.
+    return latest_good_checkpoint(out / CHECKPOINTS)
 
 
 def save_checkpoint(out: Path, step: int, model: SAMModel, optimizer, cfg: Config, keep_last: int = 3,
                     sea: SEAObjective | None = None) -> Path:
     target = checkpoint_dir(out, step)
+    bad = [n for n, p in model.trainable_state_dict().items() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingError(f"refusing to save non-finite weights ({', '.join(bad[:3])}) at step {step}. "
+                            f"The last good checkpoint is {latest_checkpoint(out) or '(none yet)'}.")
     tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_trainable(model, tmp, config_yaml=to_yaml(cfg))
-    state = {
-        "step": step,
-        "data_position": step * cfg.train.global_batch_size,
-        "optimizer": optimizer.state_dict(),
-        "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-    }
+    state = {"step": step, "data_position": step * cfg.train.global_batch_size,
+             "optimizer": optimizer.state_dict(), "rng": rng_state()}
     if sea is not None:
         state["sea"] = sea.state_dict()  # τ: training state only (SEA adds nothing at inference)
-    torch.save(state, tmp / STATE_FILE)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    for old in sorted((out / CHECKPOINTS).glob("step_*"))[:-keep_last]:
-        if old.suffix != ".tmp":
-            shutil.rmtree(old, ignore_errors=True)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_trainable(model, tmp, config_yaml=to_yaml(cfg))
+        save_state(state, tmp / STATE_FILE)
+        fsync_dir(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    except (OSError, RuntimeError) as exc:  # e.g. a full disk; earlier checkpoints are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise TrainingError(f"could not write checkpoint {target}: {reason}") from None
+    for old in complete_checkpoints(out / CHECKPOINTS)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
     return target
 
 
@@ -269,18 +286,21 @@ def train(cfg: Config) -> Path:
     if resume is not None:
         from sam_mllm.models.checkpoint import load_trainable
 
+        try:
+            state = load_state(resume / STATE_FILE)  # weights_only: a crafted file cannot run code
+        except ResumeStateError as exc:
+            raise TrainingError(str(exc)) from None
         load_trainable(model, resume)
-        state = torch.load(resume / STATE_FILE, map_location="cpu", weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         if sea is not None:
             sea.load_state_dict(state["sea"])
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
+        set_rng_state(state["rng"])
         start = state["step"]
         accelerator.print(f"resumed from {resume} at step {start}")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale(out / CHECKPOINTS) + remove_stale(out):  # saves cut off by a kill
+            accelerator.print(f"removed the incomplete {stale}")
         (out / "config.yaml").write_text(to_yaml(cfg))
         _trim_log(out / LOG_FILE, start)  # lines past the checkpoint are redone below
     model.train()
@@ -330,10 +350,15 @@ def train(cfg: Config) -> Path:
                     accelerator.backward(loss)
                     if sea is not None and accelerator.sync_gradients and accelerator.num_processes > 1:
                         sea.log_tau.grad = accelerator.reduce(sea.log_tau.grad, reduction="mean")  # τ is not in DDP
+                    if accelerator.sync_gradients:  # a non-finite gradient must not reach the weights
+                        _stop_if_non_finite(raw, "gradient", step, ids, out)
                     if accelerator.sync_gradients and t.grad_clip > 0:
                         grad_norm = accelerator.clip_grad_norm_(raw.trainable_state_dict().values(), t.grad_clip)
+                        _stop_if_non_finite(raw, "gradient", step, ids, out, norm=grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    if accelerator.sync_gradients:
+                        _stop_if_non_finite(raw, "weight", step, ids, out)
                 step_loss += loss.detach() / micro
                 samples_seen += len(ids) * accelerator.num_processes
             done = step + 1
@@ -399,6 +424,21 @@ def _periodic_eval(cfg: Config, model: SAMModel, accelerator: Accelerator, out: 
     results = evaluate(eval_cfg, model=model, accelerator=accelerator, out_dir=out / "eval" / f"step_{step:07d}")
     return {f"eval/{ds}/{k}": v for ds, summary in results.items() for k, v in summary.items()
             if isinstance(v, (int, float)) and not k.startswith("num_")}
+
+
+def _stop_if_non_finite(model: SAMModel, what: str, step: int, ids: list, out: Path, norm=None) -> None:
+    """Stop on non-finite gradients or weights (or a gradient norm that overflowed, which clipping
+    would turn into a zero or NaN update), naming the newest checkpoint that is finite."""
+    if norm is not None:
+        bad = [] if torch.isfinite(torch.as_tensor(norm)) else [f"total norm {float(norm)}"]
+    else:
+        params = model.trainable_state_dict()
+        values = [p.grad if what == "gradient" else p for p in params.values()]
+        bad = [n for n, v in zip(params, values) if v is not None and not torch.isfinite(v).all()]
+    if bad:
+        raise TrainingError(
+            f"non-finite {what}s ({', '.join(bad[:3])}) at step {step + 1} (last micro-batch: samples {ids}); "
+            f"stopping before they are saved. The last good checkpoint is {latest_checkpoint(out) or '(none yet)'}.")
 
 
 def _trim_log(path: Path, step: int) -> None:

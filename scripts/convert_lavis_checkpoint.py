@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from sam_mllm.config import load_config, to_yaml
@@ -27,6 +26,7 @@ from sam_mllm.models.checkpoint import (
     CheckpointError,
     atomic_write,
     convert_lavis_state_dict,
+    load_pickled_weights,
     state_dict_mismatch,
 )
 
@@ -34,7 +34,9 @@ from sam_mllm.models.checkpoint import (
 def convert(src: Path, out: Path, config: str, dims: str, overrides: list[str]) -> Path:
     if not src.is_file():
         raise CheckpointError(f"LAVIS checkpoint not found: {src}")
-    raw = torch.load(src, map_location="cpu", weights_only=True)
+    raw = load_pickled_weights(src)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{src}: expected a state dict (or {{'model': state dict}}), not {type(raw).__name__}")
     state = convert_lavis_state_dict(raw.get("model", raw))
     cfg = load_config(config, overrides)
     # Shapes come from a weightless model of the same variant and dimensions.
@@ -62,7 +64,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dims", default="7b", help="dimension preset the checkpoint must fit")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    path = convert(args.src, args.out, args.config, args.dims, args.overrides)
+    try:
+        path = convert(args.src, args.out, args.config, args.dims, args.overrides)
+    except CheckpointError as exc:
+        raise SystemExit(f"error: {exc}") from None
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 

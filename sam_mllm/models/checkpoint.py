@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import tempfile
 from collections.abc import Callable
@@ -99,10 +100,32 @@ def load_lavis_checkpoint(model: torch.nn.Module, path: str | Path | dict, stric
     else:
         if not Path(path).is_file():
             raise CheckpointError(f"LAVIS checkpoint not found: {path}")
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        raw = load_pickled_weights(path)
         state = raw.get("model", raw) if isinstance(raw, dict) else raw
     converted = convert_lavis_state_dict(state)
     return _load_into(model, converted, source, strict)
+
+
+def load_pickled_weights(path: str | Path) -> object:
+    """``torch.load`` of a ``.pth`` file that may come from anyone: tensors and plain data only.
+
+    A file that holds other Python objects (which could run code while unpickling) is refused with a
+    one-line :class:`CheckpointError` instead of an ``UnpicklingError`` traceback.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: refusing to load: the file holds Python objects besides tensors and "
+                              f"plain data, and unpickling them could run code ({unpickling_detail(exc)})") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {' '.join(str(exc).split())}") from None
+
+
+def unpickling_detail(exc: BaseException) -> str:
+    """The one informative line of torch's weights-only refusal (which object it met), without its advice."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    line = next((x for x in lines if "GLOBAL" in x or "Unsupported" in x), lines[0] if lines else type(exc).__name__)
+    return line.split(" Please use")[0].removeprefix("WeightsUnpickler error: ")
 
 
 def state_dict_mismatch(own: dict[str, Tensor], state: dict[str, Tensor]) -> tuple[list[str], list[str], list[str]]:
@@ -158,6 +181,8 @@ def atomic_write(target: Path, write: Callable[[str], object]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as f:  # on disk before the rename, so a power cut cannot leave an empty file
+            os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
