@@ -96,6 +96,9 @@ class EvalConfig:
     metrics: list[str] = field(default_factory=lambda: ["rouge_l", "cider", "bleu4"])
     skip_bad: bool = False  # list bad samples and score the rest, instead of stopping at the first
     check_images: bool = True  # open every image before generating, so a bad file fails early
+    # Delete predictions that a different model / checkpoint / generation setup / dataset file made
+    # in the output folder and start over (by default such a folder is refused).
+    restart: bool = False
     html_report: bool = True
     max_samples: int | None = None
 

@@ -17,7 +17,7 @@ if __name__ == "__main__":  # --help and config questions answer here, before to
 import json
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from sam_mllm.data.processing import Processor, load_image, to_device
 from sam_mllm.data.schema import DataError, Sample, read_annotations
 from sam_mllm.metrics import score
 from sam_mllm.models import SAMModel, build_model
+from sam_mllm.provenance import FolderLock, OutputFolderError, check_fingerprint, eval_fingerprint
 
 PREDICTIONS = "predictions.jsonl"
 
@@ -42,6 +43,7 @@ class EvalSet:
     root: Path  # folder of annotations.json; image paths are relative to it
     samples: list[Sample]
     bad: list  # BadSample entries skipped under eval.skip_bad
+    annotations: Path | None = None  # the annotations file (its hash is part of the predictions' fingerprint)
 
 
 def dataset_root(cfg: Config, ds: DatasetConfig) -> tuple[str, str, Path]:
@@ -58,7 +60,12 @@ def dataset_root(cfg: Config, ds: DatasetConfig) -> tuple[str, str, Path]:
     registry.get("task", task)  # an unknown task fails here, listing the known ones
     rel = Path(ds.path or info.path)
     root = rel if rel.is_absolute() else Path(cfg.data_root) / rel
-    return ds.name or rel.name, task, root
+    name = ds.name or rel.name
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        # The name is the dataset's output folder under output_dir: it must stay inside it.
+        raise DataError(f"dataset name {name!r}: must be a plain folder name (no '/', '\\' or '..'); "
+                        "it names the dataset's folder under output_dir")
+    return name, task, root
 
 
 def load_eval_set(cfg: Config, ds: DatasetConfig) -> EvalSet:
@@ -74,11 +81,14 @@ def load_eval_set(cfg: Config, ds: DatasetConfig) -> EvalSet:
     limit = ds.max_samples or cfg.eval.max_samples
     if limit:
         samples = samples[:limit]
-    return EvalSet(name, task, root, samples, bad)
+    return EvalSet(name, task, root, samples, bad, annotations)
 
 
-def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
-    """Records of a JSONL file; a torn last line (killed mid-write) is dropped, and cut off if ``repair``."""
+def read_jsonl(path: Path, repair: bool = False, valid: Callable[[object], bool] | None = None) -> list[dict]:
+    """Records of a JSONL file; a torn last line (killed mid-write) is dropped, and cut off if ``repair``.
+
+    With ``valid``, a record it rejects is treated like a torn line: it and everything after it.
+    """
     if not path.is_file():
         return []
     data = path.read_bytes()
@@ -87,9 +97,12 @@ def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
         if not line.endswith(b"\n"):
             break
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
             break
+        if valid is not None and not valid(record):
+            break
+        records.append(record)
         good_end += len(line)
     if repair and good_end < len(data):
         with open(path, "r+b") as f:
@@ -99,6 +112,38 @@ def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
 
 def _prediction_files(out_dir: Path) -> list[Path]:
     return sorted(out_dir.glob("predictions*.jsonl"))
+
+
+def _is_prediction(record: object) -> bool:
+    return (isinstance(record, dict) and isinstance(record.get("id"), (int, str))
+            and not isinstance(record.get("id"), bool) and isinstance(record.get("prediction"), str))
+
+
+def _claim(folder: Path, cfg: Config, model: SAMModel, eval_set: EvalSet, accelerator: Accelerator) -> None:
+    """Check (main process) that the folder's predictions come from this setup; every process stops if not."""
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            files = _prediction_files(folder)
+            has = any(read_jsonl(p, valid=_is_prediction) for p in files)
+            outputs = [folder / n for n in ("metrics.json", "per_sample.jsonl", "report.html")]
+            notice = check_fingerprint(folder, eval_fingerprint(cfg, model, eval_set.annotations or Path()),
+                                       has, cfg.eval.restart, files + outputs)
+            if notice:
+                print(notice)
+        except OutputFolderError as exc:
+            problem = str(exc)
+    _raise_everywhere(problem, accelerator)
+
+
+def _raise_everywhere(problem: str | None, accelerator: Accelerator) -> None:
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise OutputFolderError(problem)
 
 
 def _batches(samples: Sequence[Sample], size: int) -> Iterator[list[Sample]]:
@@ -118,9 +163,12 @@ def generate_predictions(model: SAMModel, processor: Processor, eval_set: EvalSe
     out_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         for path in _prediction_files(out_dir):
-            read_jsonl(path, repair=True)
+            size = path.stat().st_size
+            read_jsonl(path, repair=True, valid=_is_prediction)
+            if path.stat().st_size < size:
+                print(f"{path}: cut off an incomplete or malformed line at the end; those samples are generated again")
     accelerator.wait_for_everyone()
-    done = {json.dumps(r["id"]) for p in _prediction_files(out_dir) for r in read_jsonl(p)}
+    done = {json.dumps(r["id"]) for p in _prediction_files(out_dir) for r in read_jsonl(p, valid=_is_prediction)}
     todo = [s for s in eval_set.samples if json.dumps(s.id) not in done]
     mine = todo[accelerator.process_index :: accelerator.num_processes]
     own_file = out_dir / (PREDICTIONS if accelerator.is_main_process else
@@ -146,7 +194,7 @@ def score_eval_set(cfg: Config, eval_set: EvalSet, out_dir: Path) -> dict:
     """Merge the predictions in dataset order, score them, write the outputs. Main process only."""
     by_id: dict[str, str] = {}
     for path in _prediction_files(out_dir):
-        for record in read_jsonl(path):
+        for record in read_jsonl(path, valid=_is_prediction):
             by_id.setdefault(json.dumps(record["id"]), record["prediction"])
     missing = [s.id for s in eval_set.samples if json.dumps(s.id) not in by_id]
     if missing:
@@ -207,6 +255,21 @@ def evaluate(cfg: Config, model: SAMModel | None = None, accelerator: Accelerato
     model = model or build_model(cfg.model).to(accelerator.device)
     processor = Processor.for_model(model, cfg.model)
     out_dir = Path(out_dir or cfg.output_dir)
+    lock, problem = FolderLock(out_dir), None
+    if accelerator.is_main_process:  # a second evaluation of this folder stops here, naming the first
+        try:
+            lock.acquire()
+        except OutputFolderError as exc:
+            problem = str(exc)
+    _raise_everywhere(problem, accelerator)
+    try:
+        return _evaluate_locked(cfg, model, processor, accelerator, out_dir)
+    finally:
+        lock.release()
+
+
+def _evaluate_locked(cfg: Config, model: SAMModel, processor: Processor, accelerator: Accelerator,
+                     out_dir: Path) -> dict[str, dict]:
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -219,6 +282,7 @@ def evaluate(cfg: Config, model: SAMModel | None = None, accelerator: Accelerato
             for b in eval_set.bad:
                 print(f"  #{b.index} id {b.id!r}: {b.reason}")
         ds_dir = out_dir / eval_set.name
+        _claim(ds_dir, cfg, model, eval_set, accelerator)
         generate_predictions(model, processor, eval_set, ds_dir, accelerator, cfg.eval.batch_size, generation)
         if accelerator.is_main_process:
             results[eval_set.name] = score_eval_set(cfg, eval_set, ds_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import errno
 import importlib.util
+import json
 import shutil
 from pathlib import Path
 
@@ -195,3 +196,91 @@ def _nan_grad(weight: torch.Tensor) -> torch.Tensor:
             return torch.full(ctx.shape, float("nan"))
 
     return F.apply(weight)
+
+
+# ------------------------------------------ 4. predictions are never reused for another setup
+
+
+def _eval_overrides(data: Path, out: Path, extra: list[str] = ()) -> list[str]:
+    return ["model.dims=tiny", f"data_root={data.parent}", f"output_dir={out}", "eval.batch_size=4",
+            f"eval.datasets=[{{name: tiny, task: group_captioning, path: {data.name}}}]",
+            "generation.max_length=5", "generation.num_beams=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def evaluated(data, tmp_path_factory):
+    from sam_mllm.evaluate import evaluate
+
+    out = tmp_path_factory.mktemp("evaluated") / "ev"
+    evaluate(load_config(None, _eval_overrides(data, out)))
+    return out
+
+
+def test_predictions_of_another_setup_are_refused_or_restarted(data, trained, evaluated, tmp_path):
+    from sam_mllm.evaluate import evaluate
+    from sam_mllm.provenance import OutputFolderError
+
+    out = tmp_path / "ev"
+    shutil.copytree(evaluated, out)
+    before = (out / "tiny" / "predictions.jsonl").read_text()
+    ckpt = f"model.checkpoint={trained / 'final' / 'adapter.safetensors'}"
+    with pytest.raises(OutputFolderError, match=r"tiny: its predictions were made with a different "
+                                                r"checkpoint_files\.checkpoint, trainable_weights .*eval\.restart=true"):
+        evaluate(load_config(None, _eval_overrides(data, out, [ckpt])))
+    with pytest.raises(OutputFolderError, match=r"different generation\.num_beams"):
+        evaluate(load_config(None, _eval_overrides(data, out, ["generation.num_beams=2"])))
+    assert (out / "tiny" / "predictions.jsonl").read_text() == before  # refused: nothing touched
+    edited = json.loads((data / "annotations.json").read_text())
+    edited[0]["output"] = "a blue star ."
+    data2 = tmp_path / "tiny"
+    shutil.copytree(data, data2)
+    (data2 / "annotations.json").write_text(json.dumps(edited))
+    with pytest.raises(OutputFolderError, match=r"different annotations "):
+        evaluate(load_config(None, _eval_overrides(data2, out)))
+    evaluate(load_config(None, _eval_overrides(data, out, [ckpt, "eval.restart=true"])))
+    fresh = tmp_path / "fresh"
+    evaluate(load_config(None, _eval_overrides(data, fresh, [ckpt])))
+    assert (out / "tiny" / "predictions.jsonl").read_text() == (fresh / "tiny" / "predictions.jsonl").read_text()
+    assert json.loads((out / "tiny" / "metrics.json").read_text()) == json.loads(
+        (fresh / "tiny" / "metrics.json").read_text())
+
+
+def test_second_evaluation_of_a_folder_names_the_lock_holder(data, evaluated, tmp_path):
+    import os
+
+    from sam_mllm.evaluate import evaluate
+    from sam_mllm.provenance import FolderLock, OutputFolderError
+
+    out = tmp_path / "ev"
+    shutil.copytree(evaluated, out)
+    with FolderLock(out):  # as a running evaluation holds it
+        with pytest.raises(OutputFolderError, match=rf"ev is being written by pid {os.getpid()} on .*another output_dir"):
+            evaluate(load_config(None, _eval_overrides(data, out)))
+    evaluate(load_config(None, _eval_overrides(data, out)))  # released: the folder is usable again
+
+
+def test_prediction_line_without_prediction_is_repaired(data, evaluated, tmp_path, capsys):
+    from sam_mllm.evaluate import evaluate
+
+    out = tmp_path / "ev"
+    shutil.copytree(evaluated, out)
+    preds = out / "tiny" / "predictions.jsonl"
+    lines = preds.read_text().splitlines(keepends=True)
+    preds.write_text("".join(lines[:2]) + json.dumps({"id": 2}) + "\n")
+    evaluate(load_config(None, _eval_overrides(data, out)))
+    assert "cut off an incomplete or malformed line" in capsys.readouterr().out
+    assert preds.read_text() == "".join(lines)
+    assert json.loads((out / "tiny" / "metrics.json").read_text()) == json.loads(
+        (evaluated / "tiny" / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".."])
+def test_dataset_name_cannot_leave_the_output_folder(data, tmp_path, name):
+    from sam_mllm.data.schema import DataError
+    from sam_mllm.evaluate import evaluate
+
+    over = _eval_overrides(data, tmp_path / "out")
+    over[4] = f"eval.datasets=[{{name: {json.dumps(name)}, task: group_captioning, path: {data.name}}}]"
+    with pytest.raises(DataError, match=r"must be a plain folder name"):
+        evaluate(load_config(None, over))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not (tmp_path / "out" / "a").exists()
