@@ -10,17 +10,26 @@ from PIL import Image
 
 from sam_mllm import hub
 from sam_mllm.config import Config, ConfigError, load_config, resolve_config_path
-from sam_mllm.data.processing import Processor, load_image, to_device
+from sam_mllm.data.images import IMAGE_MODES, load_image, to_rgb
+from sam_mllm.data.processing import Processor, to_device
 from sam_mllm.models import SAMModel, build_model
 from sam_mllm.models.checkpoint import ADAPTER_FILE, CONFIG_FILE
 
 
 class Pipeline:
-    """A model with its processor and generation settings; one call per multi-image question."""
+    """A model with its processor and generation settings; one call per multi-image question.
 
-    def __init__(self, model: SAMModel, cfg: Config) -> None:
+    ``image_mode``: ``upright`` (default here: phone photos carry their orientation in EXIF)
+    applies EXIF orientation, puts transparency on white and scales 16-bit images; ``released``
+    (``None``: the config's ``data.image_mode``) feeds the stored pixels, as the benchmark configs do.
+    """
+
+    def __init__(self, model: SAMModel, cfg: Config, image_mode: str | None = "upright") -> None:
         self.model = model.eval()
         self.cfg = cfg
+        self.image_mode = image_mode or cfg.data.image_mode
+        if self.image_mode not in IMAGE_MODES:
+            raise ValueError(f"image_mode {self.image_mode!r} is not one of {', '.join(IMAGE_MODES)}")
         self.processor = Processor.for_model(model, cfg.model)
         self.generation = dict(vars(cfg.generation))
 
@@ -35,7 +44,8 @@ class Pipeline:
         transform = self.processor.transform(train=False)
         tensors = []
         for i, im in enumerate(images):
-            pil = im if isinstance(im, Image.Image) else load_image(im, f"images[{i}]: ")
+            pil = (to_rgb(im, self.image_mode) if isinstance(im, Image.Image)
+                   else load_image(im, f"images[{i}]: ", self.image_mode))
             tensors.append(transform(pil))
         item = {"id": 0, "images": torch.stack(tensors), "instruction": prompt, "output": ""}
         batch = to_device(self.processor.collate([item], with_answers=False), self.model.device)
@@ -43,7 +53,8 @@ class Pipeline:
 
 
 def load_model(config: str | Path | None = None, checkpoint: str | Path | None = None,
-               device: str | torch.device | None = None, overrides: Sequence[str] = ()) -> Pipeline:
+               device: str | torch.device | None = None, overrides: Sequence[str] = (),
+               image_mode: str | None = "upright") -> Pipeline:
     """A ready pipeline from a config (name under configs/ or path) and optionally a trained checkpoint.
 
     ``checkpoint`` is a folder written by training or ``python -m sam_mllm.hub export``
@@ -52,6 +63,7 @@ def load_model(config: str | Path | None = None, checkpoint: str | Path | None =
     rebuilds the model. A model folder or Hub id may also come first: ``load_model("user/repo")``.
     With neither, the defaults describe SAM on InstructBLIP-Vicuna-7B; ``load_model("demo/sam")``
     is the embedded tiny model (a shipped config name wins over a Hub id of the same spelling).
+    ``image_mode``: see :class:`Pipeline` (``None``: the config's).
     """
     if config is not None and checkpoint is None and _names_a_model(str(config)):
         config, checkpoint = None, config
@@ -64,7 +76,7 @@ def load_model(config: str | Path | None = None, checkpoint: str | Path | None =
     cfg = load_config(config, extra)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg.model).to(device)
-    return Pipeline(model, cfg)
+    return Pipeline(model, cfg, image_mode)
 
 
 def _names_a_model(name: str) -> bool:

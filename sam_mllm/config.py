@@ -84,6 +84,14 @@ class DatasetConfig:
 
 
 @dataclass
+class DataConfig:
+    # How image files become RGB pixels: released (Image.open(path).convert("RGB"), as the released
+    # code; no EXIF rotation, alpha dropped) | upright (EXIF rotation, transparency on white, 16-bit
+    # scaled). Model, feature cache and HTML report all load images this way.
+    image_mode: str = "released"
+
+
+@dataclass
 class EvalConfig:
     datasets: list[DatasetConfig] = field(default_factory=list)
     batch_size: int = 4  # samples per generate call and process
@@ -166,6 +174,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sea: SEAConfig = field(default_factory=SEAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     # Root that relative dataset paths are resolved against.
     data_root: str = "data"
     output_dir: str = "runs/default"  # everything a run writes goes here
@@ -239,6 +248,7 @@ _CHOICES = {
     "eval.references": ("paper", "all"),
     "sea.labeller": ("oracle", "clip"),
     "sea.attribution": ("mean", "last"),
+    "data.image_mode": ("released", "upright"),
 }
 
 

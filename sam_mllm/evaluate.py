@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from sam_mllm import registry
 from sam_mllm.config import Config, ConfigError, DatasetConfig, to_yaml
+from sam_mllm.data.images import survey
 from sam_mllm.data.processing import Processor, load_image, to_device
 from sam_mllm.data.schema import DataError, Sample, read_annotations
 from sam_mllm.metrics import score
@@ -44,6 +45,7 @@ class EvalSet:
     samples: list[Sample]
     bad: list  # BadSample entries skipped under eval.skip_bad
     annotations: Path | None = None  # the annotations file (its hash is part of the predictions' fingerprint)
+    image_mode: str = "released"  # data.image_mode: how model and report load the images
 
 
 def dataset_root(cfg: Config, ds: DatasetConfig) -> tuple[str, str, Path]:
@@ -81,7 +83,8 @@ def load_eval_set(cfg: Config, ds: DatasetConfig) -> EvalSet:
     limit = ds.max_samples or cfg.eval.max_samples
     if limit:
         samples = samples[:limit]
-    return EvalSet(name, task, root, samples, bad, annotations)
+    survey(name, [root / p for s in samples for p in s.img_list], cfg.data.image_mode)
+    return EvalSet(name, task, root, samples, bad, annotations, cfg.data.image_mode)
 
 
 def read_jsonl(path: Path, repair: bool = False, valid: Callable[[object], bool] | None = None) -> list[dict]:
@@ -151,9 +154,9 @@ def _batches(samples: Sequence[Sample], size: int) -> Iterator[list[Sample]]:
         yield list(samples[start : start + size])
 
 
-def _load_item(sample: Sample, root: Path, transform) -> dict:
+def _load_item(sample: Sample, root: Path, transform, mode: str = "released") -> dict:
     where = f"sample id {sample.id!r}: "
-    images = [transform(load_image(root / rel, where)) for rel in sample.img_list]
+    images = [transform(load_image(root / rel, where, mode)) for rel in sample.img_list]
     return {"id": sample.id, "images": torch.stack(images), "instruction": sample.instruction, "output": sample.output}
 
 
@@ -179,7 +182,7 @@ def generate_predictions(model: SAMModel, processor: Processor, eval_set: EvalSe
     model.eval()
     with open(own_file, "a", encoding="utf-8") as f:
         for chunk in _batches(mine, batch_size):
-            items = [_load_item(s, eval_set.root, transform) for s in chunk]
+            items = [_load_item(s, eval_set.root, transform, eval_set.image_mode) for s in chunk]
             batch = to_device(processor.collate(items, with_answers=False), accelerator.device)
             texts = model.generate(batch, **generation)
             for sample, text in zip(chunk, texts):
@@ -225,7 +228,7 @@ def score_eval_set(cfg: Config, eval_set: EvalSet, out_dir: Path) -> dict:
         from sam_mllm.report import write_html_report
 
         write_html_report(out_dir / "report.html", title=f"{eval_set.name} ({eval_set.task})", rows=rows,
-                          summary=result.summary, bad_samples=bad)
+                          summary=result.summary, bad_samples=bad, image_mode=eval_set.image_mode)
     return summary
 
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from sam_mllm.data.images import ImageLoadError, load_image
 
 __all__ = ["write_html_report", "write_side_by_side_report", "plot_curves"]
 
@@ -82,7 +82,7 @@ document.getElementById('filter').addEventListener('input',e=>{
 
 def write_html_report(path: str | Path, *, title: str, rows: Sequence[Mapping], summary: Mapping[str, float],
                       bad_samples: Sequence[Mapping] = (), thumb_size: int = 96, max_rows: int | None = None,
-                      full_results: str | None = "per_sample.jsonl") -> Path:
+                      full_results: str | None = "per_sample.jsonl", image_mode: str = "released") -> Path:
     """Write one self-contained HTML page showing what a model got right and wrong on a dataset.
 
     Args:
@@ -99,6 +99,8 @@ def write_html_report(path: str | Path, *, title: str, rows: Sequence[Mapping], 
             every sample and the page says that rows were left out.
         full_results: where the per-sample scores of all samples are, named in the page when ``max_rows``
             leaves rows out (``None``: name nothing).
+        image_mode: how the model loaded the images (``data.image_mode``); thumbnails go through the same
+            loader, so the page shows what the model saw.
 
     Returns:
         ``path`` as a ``Path``.
@@ -106,7 +108,7 @@ def write_html_report(path: str | Path, *, title: str, rows: Sequence[Mapping], 
     path = Path(path)
     shown = rows[:max_rows] if max_rows is not None else rows
     metrics = _metric_columns(summary, shown)
-    thumbs = _thumbnails([str(p) for r in shown for p in _as_list(r.get("images"))], thumb_size)
+    thumbs = _thumbnails([str(p) for r in shown for p in _as_list(r.get("images"))], thumb_size, image_mode)
     # Each distinct image is embedded once, as a CSS class, however many rows show it.
     classes = {p: f"t{k}" for k, p in enumerate(sorted(p for p, t in thumbs.items() if t is not None))}
 
@@ -200,7 +202,7 @@ def _metric_columns(summary: Mapping[str, object], rows: Sequence[Mapping]) -> l
     return first + [k for k in in_rows if k not in first]
 
 
-def _thumbnails(paths: list[str], size: int) -> dict[str, tuple[int, int, str] | None]:
+def _thumbnails(paths: list[str], size: int, mode: str = "released") -> dict[str, tuple[int, int, str] | None]:
     """Thumbnail every distinct path once: (width, height, base64 JPEG), or None when it cannot be read."""
     unique = list(dict.fromkeys(paths))
     if not unique:
@@ -208,30 +210,22 @@ def _thumbnails(paths: list[str], size: int) -> dict[str, tuple[int, int, str] |
     # Pillow releases the GIL while decoding and encoding, so threads speed up reports with many images.
     workers = min(8, os.cpu_count() or 1, len(unique))
     if workers == 1:
-        return {p: _thumbnail(p, size) for p in unique}
+        return {p: _thumbnail(p, size, mode) for p in unique}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return dict(zip(unique, pool.map(lambda p: _thumbnail(p, size), unique)))
+        return dict(zip(unique, pool.map(lambda p: _thumbnail(p, size, mode), unique)))
 
 
-def _thumbnail(path: str, size: int) -> tuple[int, int, str] | None:
+def _thumbnail(path: str, size: int, mode: str = "released") -> tuple[int, int, str] | None:
     try:
-        with Image.open(path) as im:
-            # JPEG can decode straight at a reduced scale, which is most of the cost for camera photos.
-            im.draft("RGB", (size, size))
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                # Transparent areas would turn black in a JPEG; put them on white instead.
-                rgba = im.convert("RGBA")
-                im = Image.new("RGB", rgba.size, "white")
-                im.paste(rgba, mask=rgba.getchannel("A"))
-            else:
-                im = im.convert("RGB")
-            im.thumbnail((size, size))
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=75)
-            return im.width, im.height, base64.b64encode(buf.getvalue()).decode("ascii")
-    except (OSError, ValueError, Image.DecompressionBombError):
+        # The model's loader (same orientation, alpha and bit-depth handling); JPEGs decode straight
+        # at a reduced scale, which is most of the cost for camera photos.
+        im = load_image(path, mode=mode, draft=(size, size))
+    except ImageLoadError:
         return None
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=75)
+    return im.width, im.height, base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _as_list(value: object) -> list:

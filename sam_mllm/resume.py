@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from sam_mllm.errors import UserError
 from sam_mllm.models.checkpoint import unpickling_detail
 
 STATE_FILE = "state.pt"
@@ -30,7 +31,7 @@ ADAPTER_FILE = "adapter.safetensors"
 _NAME = re.compile(r"^step_(\d{7})$")
 
 
-class ResumeStateError(ValueError):
+class ResumeStateError(UserError, ValueError):
     """A resume state that cannot (or must not) be loaded; names the file."""
 
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from sam_mllm.config import Config, ConfigError, to_yaml
 from sam_mllm.data.feature_cache import FeatureCache, backbone_fingerprint
+from sam_mllm.data.images import survey
 from sam_mllm.data.processing import Processor, load_image
 from sam_mllm.data.sampling import MixtureOrder, step_positions
 from sam_mllm.data.schema import Sample, read_annotations
@@ -72,7 +73,8 @@ class TrainItems(Dataset):
     def __init__(self, sets: list[tuple[Path, list[Sample]]], order: MixtureOrder, processor: Processor,
                  cfg: Config, cache: FeatureCache | None, labels: FeatureCache | None = None) -> None:
         self.sets, self.order, self.cache, self.labels = sets, order, cache, labels
-        self.seed = cfg.seed
+        self.seed, self.image_mode = cfg.seed, cfg.data.image_mode
+        self.sources = [root / ds.annotations for (root, _), ds in zip(sets, cfg.train.datasets)]  # for errors
         t = cfg.train
         self.transform = processor.transform(train=t.augment != "none", crop_scale=t.crop_scale, hflip=t.hflip)
 
@@ -84,15 +86,16 @@ class TrainItems(Dataset):
         root, samples = self.sets[d]
         s = samples[i]
         item = {"id": s.id, "instruction": s.instruction, "output": s.output}
+        where = f"{self.sources[d]}: training sample id {s.id!r}: "
         if self.labels is not None:  # SEA's patch labels, from their cache
-            item["patch_labels"] = torch.stack([self.labels.get(root / p) for p in s.img_list])
+            item["patch_labels"] = torch.stack([self.labels.get(root / p, where) for p in s.img_list])
         if self.cache is not None:
-            item["image_embeds"] = torch.stack([self.cache.get(root / p) for p in s.img_list])
+            item["image_embeds"] = torch.stack([self.cache.get(root / p, where) for p in s.img_list])
             return item
         # Crops depend only on (seed, position): a resumed run draws exactly the same ones.
         rng = random.Random(f"{self.seed}/crop/{position}")
-        where = f"training sample id {s.id!r} ({root}): "
-        item["images"] = torch.stack([self.transform(load_image(root / p, where), rng) for p in s.img_list])
+        item["images"] = torch.stack([self.transform(load_image(root / p, where, self.image_mode), rng)
+                                      for p in s.img_list])
         return item
 
 
@@ -106,6 +109,7 @@ def load_train_sets(cfg: Config) -> tuple[list[tuple[Path, list[Sample]]], list[
                                       check_images=False)
         if ds.max_samples:
             samples = samples[: ds.max_samples]
+        survey(name, [root / p for s in samples for p in s.img_list], cfg.data.image_mode)
         sets.append((root, samples))
         weights.append(ds.weight)
     return sets, weights
@@ -119,16 +123,19 @@ def build_feature_cache(cfg: Config, model: SAMModel, processor: Processor, sets
             "Set train.augment=none, or train without the cache."
         )
     transform = processor.transform(train=False)
-    cache = FeatureCache(cfg.train.feature_cache, backbone_fingerprint(model), transform.fingerprint)
+    mode = cfg.data.image_mode  # part of the cache key: other pixels, other features
+    pixels_id = transform.fingerprint if mode == "released" else f"{transform.fingerprint}-{mode}"
+    cache = FeatureCache(cfg.train.feature_cache, backbone_fingerprint(model), pixels_id)
     if accelerator.is_main_process:
-        paths = [root / p for root, samples in sets for s in samples for p in s.img_list]
+        owners = {root / p: f"{root / ds.annotations}: training sample id {s.id!r}: "
+                  for (root, samples), ds in zip(sets, cfg.train.datasets) for s in samples for p in s.img_list}
 
         @torch.no_grad()
         def encode(files: list[Path]) -> torch.Tensor:
-            pixels = torch.stack([transform(load_image(f)) for f in files]).to(accelerator.device)
+            pixels = torch.stack([transform(load_image(f, owners[f], mode)) for f in files]).to(accelerator.device)
             return model.vision_model(pixel_values=pixels.to(model.vision_model.dtype)).last_hidden_state
 
-        added = cache.build(paths, encode)
+        added = cache.build(list(owners), encode, where=owners)
         print(f"feature cache {cache.dir}: {added} images added, {len(cache.index['rows'])} cached")
     accelerator.wait_for_everyone()
     return FeatureCache(cfg.train.feature_cache, cache.backbone, cache.transform)  # re-read the index

@@ -284,3 +284,195 @@ def test_dataset_name_cannot_leave_the_output_folder(data, tmp_path, name):
     with pytest.raises(DataError, match=r"must be a plain folder name"):
         evaluate(load_config(None, over))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not (tmp_path / "out" / "a").exists()
+
+
+# ------------------------------------- 5. one image loader; the paper's pixels by default
+
+
+def _odd_images(folder: Path) -> dict[str, str]:
+    """An EXIF-rotated JPEG, a half-transparent PNG, a 16-bit PNG and a two-frame GIF."""
+    import numpy as np
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rotated = Image.new("RGB", (40, 20), (200, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    rotated.save(folder / "images" / "rotated.jpg", exif=exif.tobytes())
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[:, :8] = (10, 200, 10, 0)  # transparent, with a stored green
+    rgba[:, 8:] = (200, 10, 10, 255)
+    Image.fromarray(rgba).save(folder / "images" / "alpha.png")
+    Image.fromarray(np.full((16, 16), 32768, np.uint16)).save(folder / "images" / "deep.png")
+    frames = [Image.new("RGB", (16, 16), c) for c in ((0, 0, 250), (250, 250, 0))]
+    frames[0].save(folder / "images" / "anim.gif", save_all=True, append_images=frames[1:])
+    return {k: f"images/{k}.{ext}" for k, ext in (("rotated", "jpg"), ("alpha", "png"), ("deep", "png"),
+                                                  ("anim", "gif"))}
+
+
+def test_released_mode_gives_the_released_codes_pixels_and_warns_once(tmp_path):
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from sam_mllm.data.images import ImageTraitWarning, load_image
+    from sam_mllm.evaluate import load_eval_set
+
+    images = _odd_images(tmp_path / "odd")
+    samples = [{"id": i, "img_list": [p], "instruction": "what is in the image ?", "output": "a square ."}
+               for i, p in enumerate(images.values())]
+    (tmp_path / "odd" / "annotations.json").write_text(json.dumps(samples))
+    for rel in images.values():  # exactly what the released code fed the model
+        assert np.array_equal(np.asarray(load_image(tmp_path / "odd" / rel)),
+                              np.asarray(Image.open(tmp_path / "odd" / rel).convert("RGB")))
+    cfg = load_config(None, [f"data_root={tmp_path}", "model.dims=tiny",
+                             "eval.datasets=[{name: odd, task: group_captioning, path: odd}]"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_eval_set(cfg, cfg.eval.datasets[0])
+    ours = [w for w in caught if issubclass(w.category, ImageTraitWarning)]
+    assert len(ours) == 1
+    text = str(ours[0].message)
+    assert text.startswith("dataset 'odd': of 4 images, ") and "data.image_mode=upright" in text
+    for trait in ("1 with an EXIF rotation", "1 with transparency", "1 with 16 bits", "1 with several frames"):
+        assert trait in text
+
+
+def test_upright_mode_rotates_composites_and_scales(tmp_path):
+    import numpy as np
+
+    from sam_mllm.data.images import load_image
+
+    images = _odd_images(tmp_path)
+    up = {k: np.asarray(load_image(tmp_path / p, mode="upright")) for k, p in images.items()}
+    assert up["rotated"].shape == (40, 20, 3)  # stored 40x20 (w x h), displayed upright as 20x40
+    assert (up["alpha"][:, :8] == 255).all() and (up["alpha"][:, 8:] == (200, 10, 10)).all()
+    assert (up["deep"] == 128).all()  # 32768 / 65535 of full scale, not clipped to 255
+    assert (up["anim"] == (0, 0, 250)).all()  # the first frame (counted by the survey)
+
+
+def test_report_thumbnails_show_what_the_model_saw(tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from sam_mllm.data.images import load_image
+    from sam_mllm.report import _thumbnails
+
+    path = str(tmp_path / _odd_images(tmp_path)["rotated"])
+    for mode in ("released", "upright"):
+        w, h, data = _thumbnails([path], 32, mode)[path]
+        seen = load_image(path, mode=mode)
+        assert (w > h) == (seen.width > seen.height)
+        assert Image.open(io.BytesIO(base64.b64decode(data))).size == (w, h)
+    alpha = str(tmp_path / "images" / "alpha.png")
+    thumb = Image.open(io.BytesIO(base64.b64decode(_thumbnails([alpha], 16, "released")[alpha][2])))
+    assert thumb.getpixel((2, 8))[1] > 150  # released: the stored green, as the model got it, not white
+
+
+def test_notebook_api_loads_phone_photos_upright(tmp_path, monkeypatch):
+    import sam_mllm
+    from sam_mllm.data.processing import ImageTransform
+
+    seen = []
+    real_call = ImageTransform.__call__
+
+    def call(self, image, rng=None):
+        seen.append(image.size)
+        return real_call(self, image, rng)
+
+    monkeypatch.setattr(ImageTransform, "__call__", call)
+    path = tmp_path / _odd_images(tmp_path)["rotated"]
+    pipe = sam_mllm.load_model(overrides=["model.dims=tiny", "generation.max_length=2", "generation.num_beams=1"])
+    pipe.generate(images=[path], prompt="what is in the image ?")
+    from PIL import Image
+
+    pipe.generate(images=[Image.open(path)], prompt="what is in the image ?")
+    assert seen == [(20, 40), (20, 40)]  # stored 40x20; its EXIF says it is upright as 20x40
+
+
+# ------------------------------------ 6. bad inputs: one clear line, and skip_bad skips them
+
+
+def _one_bad(folder: Path, kind: str) -> list[dict]:
+    from PIL import Image
+
+    samples = write_dataset(folder, n=4, max_images=1)
+    target = folder / samples[2]["img_list"][0]
+    if kind == "truncated":
+        target = target.with_suffix(".jpg")
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(target, quality=95)
+        data = target.read_bytes()
+        target.write_bytes(data[: len(data) * 2 // 3])  # cut off where a kill or a bad copy cuts
+        samples[2]["img_list"] = [f"images/{target.name}"]
+    elif kind == "bomb":
+        Image.new("RGB", (120, 120)).save(target)  # over 2 x MAX_IMAGE_PIXELS (lowered by the test)
+    elif kind == "directory":
+        samples[2]["img_list"] = ["images"]
+    elif kind == "empty_reference":
+        samples[2]["references"] = ["a red square .", " "]
+    (folder / "annotations.json").write_text(json.dumps(samples))
+    return samples
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("truncated", r"sample #2 \(id 2\): field 'img_list': unreadable image .*s2_0\.jpg: .*[Tt]runcated"),
+    ("bomb", r"sample #2 \(id 2\): field 'img_list': refusing to decode .*s2_0\.png: .*decompression bomb"),
+    ("directory", r"sample #2 \(id 2\): field 'img_list': .*images is a directory, not an image file"),
+    ("empty_reference", r"sample #2 \(id 2\): field 'references': reference #1 is empty"),
+])
+def test_bad_inputs_are_named_at_load_time_and_skippable(tmp_path, monkeypatch, kind, message):
+    from PIL import Image
+
+    from sam_mllm.data.schema import DataError, read_annotations
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    folder = tmp_path / "tiny"
+    _one_bad(folder, kind)
+    with pytest.raises(DataError, match=r"annotations\.json: " + message):
+        read_annotations(folder / "annotations.json", check_images=True)
+    samples, bad = read_annotations(folder / "annotations.json", check_images=True, skip_bad=True)
+    assert [s.id for s in samples] == [0, 1, 3] and [(b.index, b.id) for b in bad] == [(2, 2)]
+
+
+def test_skip_bad_evaluation_survives_a_truncated_jpeg(tmp_path):
+    from sam_mllm.evaluate import evaluate
+
+    folder = tmp_path / "tiny"
+    _one_bad(folder, "truncated")
+    results = evaluate(load_config(None, _eval_overrides(folder, tmp_path / "ev", ["eval.skip_bad=true"])))
+    assert results["tiny"]["num_samples"] == 3 and results["tiny"]["num_bad_samples"] == 1
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_bad_training_image_names_sample_and_annotations(tmp_path, monkeypatch, cache):
+    from PIL import Image
+
+    from sam_mllm.data.processing import ImageLoadError
+    from sam_mllm.data.schema import DataError
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    folder = tmp_path / "tiny"
+    samples = _one_bad(folder, "bomb")
+    (folder / samples[1]["img_list"][0]).unlink()
+    extra = ["train.max_steps=2", "train.augment=none", "train.warmup_steps=0"]
+    if cache:
+        extra.append(f"train.feature_cache={tmp_path / 'cache'}")
+    with pytest.raises((ImageLoadError, DataError), match=rf"{folder / 'annotations.json'}: training sample id [12]: "
+                                                          r"(image file not found|refusing to decode)"):
+        train(load_config(None, _train_overrides(folder, tmp_path / "run", extra)))
+
+
+def test_json_lines_are_read_or_named(tmp_path):
+    from sam_mllm.data.schema import DataError, read_annotations
+
+    samples = write_dataset(tmp_path, n=3)
+    lines = "".join(json.dumps(s) + "\n" for s in samples)
+    (tmp_path / "annotations.json").write_text(lines)
+    with pytest.raises(DataError, match=r"annotations\.json: expected a JSON list of samples; this looks like JSON Lines"):
+        read_annotations(tmp_path / "annotations.json")
+    (tmp_path / "annotations.jsonl").write_text(lines)
+    read, _ = read_annotations(tmp_path / "annotations.jsonl")
+    assert [s.id for s in read] == [0, 1, 2]

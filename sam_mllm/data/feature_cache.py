@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from sam_mllm.data.schema import DataError
 
 INDEX = "index.json"
 
@@ -53,24 +55,24 @@ class FeatureCache:
         return {"backbone": self.backbone, "transform": self.transform, "dtype": self.dtype, "rows": {},
                 "shards": []}
 
-    def missing(self, paths: Sequence[str | Path]) -> list[Path]:
+    def missing(self, paths: Sequence[str | Path], where: Mapping[Path, str] | None = None) -> list[Path]:
         seen, out = set(), []
         for p in paths:
-            key = file_key(p)
+            key = self._key(p, (where or {}).get(Path(p), ""))
             if key not in self.index["rows"] and key not in seen:
                 seen.add(key)
                 out.append(Path(p))
         return out
 
     def build(self, paths: Sequence[str | Path], encode: Callable[[list[Path]], torch.Tensor],
-              batch_size: int = 16) -> int:
+              batch_size: int = 16, where: Mapping[Path, str] | None = None) -> int:
         """Compute and store features of the images not cached yet; returns how many were added.
 
         ``encode`` maps a list of image files to features [n, P, Dv]. The new rows go to a new
         shard, and the index is replaced atomically only after the shard is complete, so a crash
         leaves the previous cache valid.
         """
-        todo = self.missing(paths)
+        todo = self.missing(paths, where)  # where: path -> its sample, for errors
         if not todo:
             return 0
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -96,12 +98,22 @@ class FeatureCache:
         os.replace(tmp, self.dir / INDEX)
         return len(todo)
 
-    def get(self, path: str | Path) -> torch.Tensor:
-        key = file_key(path)
+    def _key(self, path: str | Path, where: str) -> str:
+        try:
+            return file_key(path)
+        except FileNotFoundError:
+            raise DataError(f"{where}image file not found: {path}") from None
+        except OSError as exc:
+            raise DataError(f"{where}unreadable image {path}: {exc}") from None
+
+    def get(self, path: str | Path, where: str = "") -> torch.Tensor:
+        """Features of ``path``; ``where`` (e.g. ``"annotations.json: sample id 3: "``) prefixes errors."""
+        key = self._key(path, where)
         try:
             shard_name, row = self.index["rows"][key]
         except KeyError:
-            raise KeyError(f"feature cache {self.dir} has no entry for {path} (was the file changed?)") from None
+            raise DataError(f"{where}feature cache {self.dir} has no entry for {path} (was the file changed "
+                            "after the cache was built? rerun with train.feature_cache to add it)") from None
         if shard_name not in self._shards:
             self._shards[shard_name] = np.load(self.dir / shard_name, mmap_mode="r")
         return torch.from_numpy(np.array(self._shards[shard_name][row], dtype=np.float32))

@@ -12,21 +12,16 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 
-from sam_mllm.errors import UserError
+from sam_mllm.data.images import ImageLoadError, load_image  # noqa: F401 (the one loader, re-exported)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class ImageLoadError(UserError, ValueError):
-    """An image that cannot be read; names the file and the sample."""
 
 
 @dataclass(frozen=True)
@@ -87,18 +82,6 @@ def _random_crop_box(width: int, height: int, scale: tuple[float, float], rng: r
     else:
         w, h = width, height
     return (width - w) // 2, (height - h) // 2, w, h
-
-
-def load_image(path: str | Path, where: str = "") -> Image.Image:
-    """Open an image fully (so a truncated file fails here, not later), naming it on failure."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise ImageLoadError(f"{where}image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ImageLoadError(f"{where}cannot read image {path}: {exc}") from None
 
 
 class Processor:

@@ -3,7 +3,9 @@
 ``{"id": int | str, "img_list": [paths relative to the dataset folder], "instruction": str,
 "output": str, "references": [str, ...] (optional)}``. Every problem is reported with the file,
 the sample (index and id) and the field; with ``skip_bad`` the bad samples are listed and the
-rest are returned.
+rest are returned. The file is a JSON list; a ``.jsonl`` file is read as JSON Lines (one sample
+per line). With ``check_images`` every image is decoded fully (a truncated file, a decompression
+bomb or a directory is a bad sample here, not a crash half-way through an evaluation).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from sam_mllm.data.images import ImageLoadError, load_image
 from sam_mllm.errors import UserError
 
 
@@ -106,6 +108,9 @@ def _check(raw: object, index: int, max_images: int | None) -> tuple[object, str
     refs = raw.get("references")
     if refs is not None and (not isinstance(refs, list) or not all(isinstance(r, str) for r in refs)):
         return sid, "field 'references' must be a list of strings"
+    empty = [i for i, r in enumerate(refs or []) if not r.strip()]
+    if empty:  # metrics cannot score against an empty reference; fail now, not after all generation
+        return sid, f"field 'references': reference #{empty[0]} is empty"
     if not raw["output"].strip() and not refs:
         return sid, "field 'output' is empty and there are no 'references'"
     unknown = sorted(set(raw) - {"id", "img_list", "instruction", "output", "references"})
@@ -122,13 +127,10 @@ def read_annotations(path: str | Path, *, root: str | Path | None = None, max_im
     if not path.is_file():
         raise DataError(f"{path}: annotations file not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: the top level must be a list of samples, not {type(data).__name__}")
+    data = _json_lines(path, text) if path.suffix == ".jsonl" else _json_list(path, text)
     problems = _Problems(skip_bad, str(path))
     samples: list[Sample] = []
     first_index: dict[str, int] = {}
@@ -154,16 +156,50 @@ def read_annotations(path: str | Path, *, root: str | Path | None = None, max_im
     return samples, problems.bad
 
 
+def _json_list(path: Path, text: str) -> list:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data" and _looks_like_json_lines(text):
+            raise DataError(f"{path}: expected a JSON list of samples; this looks like JSON Lines (one object per "
+                            "line): name the file *.jsonl to read it as such, or wrap the objects in [...]") from None
+        raise DataError(f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
+    if not isinstance(data, list):
+        hint = " (one sample per line? name the file *.jsonl)" if isinstance(data, dict) else ""
+        raise DataError(f"{path}: the top level must be a list of samples, not {type(data).__name__}{hint}")
+    return data
+
+
+def _json_lines(path: Path, text: str) -> list:
+    data = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                data.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {lineno}: malformed JSON at column {exc.colno}: {exc.msg}") from None
+    return data
+
+
+def _looks_like_json_lines(text: str) -> bool:
+    lines = [line for line in text.splitlines() if line.strip()][:3]
+    try:
+        return len(lines) > 1 and all(isinstance(json.loads(line), dict) for line in lines)
+    except json.JSONDecodeError:
+        return False
+
+
 def _image_problem(root: Path, paths: Iterable[str]) -> str | None:
     for rel in paths:
         full = root / rel
+        if full.is_dir():
+            return f"field 'img_list': {full} is a directory, not an image file"
         if not full.is_file():
             return f"field 'img_list': image file not found: {full}"
         try:
-            with Image.open(full) as im:
-                im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-            return f"field 'img_list': unreadable image {full}: {exc}"
+            load_image(full)  # decodes every pixel: verify() alone misses truncated files
+        except ImageLoadError as exc:
+            return f"field 'img_list': {exc}"
     return None
 
 
