@@ -64,12 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dims", default="7b", help="dimension preset the checkpoint must fit")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    try:
-        path = convert(args.src, args.out, args.config, args.dims, args.overrides)
-    except CheckpointError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    path = convert(args.src, args.out, args.config, args.dims, args.overrides)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CheckpointError as exc:  # one line, never a traceback (e.g. a refused pickle payload)
+        raise SystemExit(f"error: {exc}") from None

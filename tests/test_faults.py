@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import builtins
 import errno
-import importlib.util
 import json
+import runpy
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,19 +100,17 @@ def test_rng_states_round_trip():
             np.random.randn()) == a
 
 
-def test_lavis_converter_refuses_a_pickle_payload_in_one_line(tmp_path, capsys):
+def test_lavis_converter_refuses_a_pickle_payload_in_one_line(tmp_path, monkeypatch):
     marker = tmp_path / "ran.txt"
     src = tmp_path / "sam.pth"
     torch.save({"model": {"llm_proj.weight": torch.zeros(2, 2)}, "extra": _RunsCode(marker)}, src)
-    spec = importlib.util.spec_from_file_location("convert_lavis", REPO / "scripts" / "convert_lavis_checkpoint.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    with pytest.raises(SystemExit) as exit_info:
-        script.main(["--src", str(src), "--out", str(tmp_path / "out")])
+    monkeypatch.setattr(sys, "argv", ["convert_lavis_checkpoint.py", "--src", str(src), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit) as exit_info:  # as from the command line
+        runpy.run_path(str(REPO / "scripts" / "convert_lavis_checkpoint.py"), run_name="__main__")
     message = str(exit_info.value.code)
     assert message.startswith(f"error: {src}: refusing to load") and "\n" not in message
     assert "could run code" in message and "exec" in message
-    assert not marker.exists() and not (tmp_path / "out").exists()
+    assert not marker.exists() and not (tmp_path / "o").exists()
 
 
 # --------------------------------------------------------- 2. partial checkpoints never block a resume
