@@ -91,7 +91,8 @@ def build_app(pipe, title: str = "sam_mllm"):
             raise gr.Error("Write a question or instruction.")
         paths = [f if isinstance(f, str) else getattr(f, "name", str(f)) for f in files]
         try:
-            images = [load_image(p, f"upload {i + 1} ({Path(p).name}): ") for i, p in enumerate(paths)]
+            # The pipeline's image mode (upright by default: phone photos keep their EXIF orientation).
+            images = [load_image(p, f"upload {i + 1} ({Path(p).name}): ", pipe.image_mode) for i, p in enumerate(paths)]
             text = pipe.generate(images, prompt, num_beams=int(num_beams), max_length=int(max_length),
                                  repetition_penalty=float(repetition_penalty), length_penalty=float(length_penalty))
         except (UserError, ValueError) as exc:  # bad upload, too many images: the message says which
