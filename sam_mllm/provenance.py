@@ -115,10 +115,16 @@ def check_fingerprint(folder: Path, fingerprint: dict, has_predictions: bool, re
         elif diff is None:
             notice = (f"{folder}: predictions without a {FINGERPRINT_FILE} (an older version wrote them) are "
                       "reused as this model's; set eval.restart=true to start over")
+    write_fingerprint(folder, fingerprint)
+    return notice
+
+
+def write_fingerprint(folder: Path, fingerprint: dict) -> None:
+    """Record what made the predictions in ``folder`` (also for predictions that came from a file)."""
+    path = Path(folder) / FINGERPRINT_FILE
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
     os.replace(tmp, path)
-    return notice
 
 
 class FolderLock:

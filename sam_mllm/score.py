@@ -28,6 +28,7 @@ from sam_mllm.config import Config, ConfigError, DatasetConfig, load_config
 from sam_mllm.data.schema import DataError, Sample
 from sam_mllm.evaluate import PREDICTIONS, EvalSet, load_eval_set, read_jsonl, score_eval_set
 from sam_mllm.metrics import normalize
+from sam_mllm.provenance import file_sha256, write_fingerprint
 
 ID_KEYS = ("id", "sample_id")
 PREDICTION_KEYS = ("prediction", "pred_response")
@@ -158,6 +159,8 @@ def score_file(cfg: Config, path: str | Path, eval_set: EvalSet | None, out_dir:
     with open(out_dir / PREDICTIONS, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps({"id": r["id"], "prediction": r["prediction"]}, ensure_ascii=False) + "\n")
+    # These predictions come from a file, not a model: an evaluation into this folder must not reuse them.
+    write_fingerprint(out_dir, {"scored_file": str(path), "scored_file_sha256": file_sha256(path)})
     return eval_set, score_eval_set(cfg, eval_set, out_dir)
 
 

@@ -244,6 +244,20 @@ def test_predictions_of_another_setup_are_refused_or_restarted(data, trained, ev
         (fresh / "tiny" / "metrics.json").read_text())
 
 
+def test_scored_predictions_are_not_taken_for_a_models(data, evaluated, tmp_path):
+    from sam_mllm.evaluate import evaluate, load_eval_set
+    from sam_mllm.provenance import OutputFolderError
+    from sam_mllm.score import score_file
+
+    cfg = load_config(None, _eval_overrides(data, tmp_path / "ev"))
+    other = tmp_path / "other.jsonl"  # e.g. the released model's predictions
+    other.write_text("".join(json.dumps({"id": s.id, "prediction": "a red square ."}) + "\n"
+                             for s in load_eval_set(cfg, cfg.eval.datasets[0]).samples))
+    score_file(cfg, other, load_eval_set(cfg, cfg.eval.datasets[0]), tmp_path / "ev" / "tiny")
+    with pytest.raises(OutputFolderError, match=r"different .*scored_file"):
+        evaluate(cfg)
+
+
 def test_second_evaluation_of_a_folder_names_the_lock_holder(data, evaluated, tmp_path):
     import os
 
