@@ -247,7 +247,10 @@ def resume_from(cfg: Config, out: Path) -> Path | None:
     if not cfg.train.resume:
         return None
     if cfg.train.resume == "latest":
-        return latest_checkpoint(out)  # nothing yet: a fresh start
+        found = latest_checkpoint(out)  # nothing yet: a fresh start
+        if found is None and complete_checkpoints(out / CHECKPOINTS):
+            print(f"train.resume=latest: no checkpoint in {out / CHECKPOINTS} loads (see above); starting at step 0")
+        return found
     path = Path(cfg.train.resume)
     if not (path / STATE_FILE).is_file():
         raise ConfigError(f"train.resume={cfg.train.resume!r}: no {STATE_FILE} in that folder")
