@@ -34,7 +34,15 @@ _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class ImageLoadError(UserError, ValueError):
-    """An image that cannot be read; names the file and the sample."""
+    """An image that cannot be read; names the file and the sample.
+
+    ``problem``: the message without the sample prefix; ``reason``: Pillow's words, for a file it
+    could not decode (empty for a missing file, a directory or a refused decompression bomb).
+    """
+
+    def __init__(self, message: str, problem: str | None = None, reason: str = "") -> None:
+        super().__init__(message)  # args stay (message,): the error pickles across DataLoader workers
+        self.problem, self.reason = problem if problem is not None else message, reason
 
 
 class ImageTraitWarning(UserWarning):
@@ -57,13 +65,18 @@ def load_image(path: str | Path, where: str = "", mode: str = "released",
             im.load()
             return to_rgb(im, mode)
     except FileNotFoundError:
-        raise ImageLoadError(f"{where}image file not found: {path}") from None
+        problem = f"image file not found: {path}"
+        raise ImageLoadError(where + problem, problem) from None
     except IsADirectoryError:
-        raise ImageLoadError(f"{where}{path} is a directory, not an image file") from None
+        problem = f"{path} is a directory, not an image file"
+        raise ImageLoadError(where + problem, problem) from None
     except Image.DecompressionBombError as exc:
-        raise ImageLoadError(f"{where}refusing to decode {path}: {exc}") from None
+        problem = f"refusing to decode {path}: {exc}"
+        raise ImageLoadError(where + problem, problem) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, MemoryError) as exc:
-        raise ImageLoadError(f"{where}unreadable image {path}: {' '.join(str(exc).split())}") from None
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        problem = f"cannot read image {path}: {reason}"
+        raise ImageLoadError(where + problem, problem, reason) from None
 
 
 def to_rgb(im: Image.Image, mode: str = "released") -> Image.Image:

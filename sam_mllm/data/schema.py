@@ -199,7 +199,7 @@ def _image_problem(root: Path, paths: Iterable[str]) -> str | None:
         try:
             load_image(full)  # decodes every pixel: verify() alone misses truncated files
         except ImageLoadError as exc:
-            return f"field 'img_list': {exc}"
+            return "field 'img_list': " + (f"unreadable image {full}: {exc.reason}" if exc.reason else exc.problem)
     return None
 
 
