@@ -53,6 +53,9 @@ class ModelConfig:
     attn_implementation: str = "sdpa"  # sdpa | eager
     gradient_checkpointing: bool = False  # recompute the frozen LLM's activations in backward (less memory)
     max_images: int = 8  # most images a sample may have
+    # Where visual tokens enter the LLM: prefix (all images before the prompt, as released) | markers
+    # (image k at the prompt's {image#k} or k-th <image> marker; sam_mllm.data.placement).
+    image_placement: str = "prefix"
     # Token budgets of LAVIS's InstructBLIP (prompt truncated from the left, answer from the right).
     max_prompt_tokens: int = 128
     max_answer_tokens: int = 256
@@ -242,6 +245,7 @@ _CHOICES = {
     "model.context": ("all", "others"),
     "model.dtype": ("float32", "bfloat16"),
     "model.attn_implementation": ("sdpa", "eager"),
+    "model.image_placement": ("prefix", "markers"),
     "train.augment": ("none", "random_resized_crop"),
     "train.mixed_precision": ("auto", "no", "bf16"),
     "eval.protocol": ("paper", "clean"),

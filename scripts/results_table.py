@@ -5,7 +5,7 @@
 
 For each seed: a fresh synthetic world (generator seed = run seed), then zero-shot InstructBLIP,
 +DATA, +BSG, +LIN and SAM (configs/demo/*.yaml) trained on its MmLINK split and evaluated on the
-three synthetic tasks. Prints the mean and standard deviation per task and metric as a Markdown
+three synthetic tasks (+VPG-C and +MMICL too; ``--rows`` picks rows). Prints the mean and standard deviation per task and metric as a Markdown
 table and writes it, with the command and raw numbers, to --table.
 """
 
@@ -22,7 +22,7 @@ from sam_mllm.data.synthetic import MMLINK_INSTRUCTION_SETS
 from sam_mllm.demo import METRICS, ensure_data, run_variant
 
 ROWS = {"InstructBLIP (zero-shot)": "demo/zeroshot", "+DATA": "demo/data", "+BSG": "demo/bsg",
-        "+LIN": "demo/lin", "SAM": "demo/sam"}
+        "+LIN": "demo/lin", "+VPG-C": "demo/vpgc", "+MMICL": "demo/mmicl", "SAM": "demo/sam"}
 
 
 def main() -> None:
@@ -32,20 +32,22 @@ def main() -> None:
     p.add_argument("--table", default="docs/results_table.md")
     p.add_argument("--mmlink-instructions", default="fixed", choices=list(MMLINK_INSTRUCTION_SETS),
                    help="phrasings of the MmLINK training question (sam_mllm.data.synthetic)")
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="rows to run (default: all)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
+    rows = {row: ROWS[row] for row in ROWS if row in args.rows}
     start = time.monotonic()
-    raw: dict[str, dict[int, dict]] = {row: {} for row in ROWS}
+    raw: dict[str, dict[int, dict]] = {row: {} for row in rows}
     for seed in args.seeds:
         base = Path(args.out) / f"seed{seed}"
         ensure_data(base / "data", seed, args.mmlink_instructions)
-        for row, config in ROWS.items():
+        for row, config in rows.items():
             slug = config.split("/")[1]
             _, raw[row][seed] = run_variant(config, base / slug, seed, args.overrides)
-    datasets = list(next(iter(raw["SAM"].values())))
+    datasets = list(next(iter(next(iter(raw.values())).values())))
     header = "| model | " + " | ".join(f"{d.replace('synthetic_', '')} {m}" for d in datasets for m in METRICS) + " |"
     lines = [header, "|" + "---|" * (1 + len(datasets) * len(METRICS))]
-    for row in ROWS:
+    for row in rows:
         cells = []
         for d in datasets:
             for m in METRICS:

@@ -88,7 +88,13 @@ class Processor:
     """Tokenises prompts and answers and collates samples into the batch the model takes."""
 
     def __init__(self, qformer_tokenizer, llm_tokenizer, image_size: int, max_prompt_tokens: int = 128,
-                 max_answer_tokens: int = 256, max_qformer_tokens: int = 128) -> None:
+                 max_answer_tokens: int = 256, max_qformer_tokens: int = 128,
+                 image_placement: str = "prefix") -> None:
+        from sam_mllm.data.placement import PLACEMENTS
+
+        if image_placement not in PLACEMENTS:
+            raise ValueError(f"image_placement={image_placement!r} is not one of {', '.join(PLACEMENTS)}")
+        self.image_placement = image_placement  # sam_mllm.data.placement
         self.qformer_tokenizer = qformer_tokenizer
         self.llm_tokenizer = llm_tokenizer
         self.image_size = image_size
@@ -103,7 +109,7 @@ class Processor:
             raise ValueError("the model has no tokenizers (was it built on the meta device?)")
         budgets = {} if cfg is None else dict(
             max_prompt_tokens=cfg.max_prompt_tokens, max_answer_tokens=cfg.max_answer_tokens,
-            max_qformer_tokens=cfg.max_qformer_tokens)
+            max_qformer_tokens=cfg.max_qformer_tokens, image_placement=cfg.image_placement)
         return cls(model.qformer_tokenizer, model.llm_tokenizer, model.config.vision_config.image_size, **budgets)
 
     def transform(self, train: bool = False, crop_scale: Sequence[float] = (0.5, 1.0),
@@ -137,13 +143,21 @@ class Processor:
             visual[i, :n] = it[key]
             image_mask[i, :n] = True
 
+        markers = self.image_placement == "markers"
+        if markers:
+            from sam_mllm.data.placement import strip_markers, tokenize_at_markers
         qf = self.qformer_tokenizer(
-            [it["instruction"] for it in items], padding="longest", truncation=True,
-            max_length=self.max_qformer_tokens, return_tensors="pt",
+            [strip_markers(it["instruction"]) if markers else it["instruction"] for it in items],
+            padding="longest", truncation=True, max_length=self.max_qformer_tokens, return_tensors="pt",
         )
-        rows, label_rows = [], []
+        rows, label_rows, slot_rows = [], [], []
         for it in items:
-            prompt = self.tokenize_prompt(it["instruction"])
+            if markers:
+                prompt, slots = tokenize_at_markers(self.llm_tokenizer, it["instruction"], len(it[key]), it["id"],
+                                                    self.max_prompt_tokens)
+                slot_rows.append(slots)
+            else:
+                prompt = self.tokenize_prompt(it["instruction"])
             answer = self.tokenize_answer(it["output"]) if with_answers else []
             rows.append(prompt + answer)
             label_rows.append([-100] * len(prompt) + answer)
@@ -165,6 +179,10 @@ class Processor:
             "attention_mask": attention_mask,
         }
         batch["image_embeds" if key == "image_embeds" else "pixel_values"] = visual
+        if markers:  # image k's visual tokens go where slot == k (sam_mllm.models.placement)
+            batch["image_slots"] = torch.full((b, width), -1, dtype=torch.long)
+            for i, slots in enumerate(slot_rows):
+                batch["image_slots"][i, : len(slots)] = torch.tensor(slots)
         if with_answers:
             batch["labels"] = labels
         return batch

@@ -354,13 +354,19 @@ class SAMModel(nn.Module):
 
     def _assemble(
         self, visual_tokens: Tensor, image_mask: Tensor, input_ids: Tensor, attention_mask: Tensor,
-        labels: Tensor | None = None,
+        labels: Tensor | None = None, image_slots: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """[visual tokens of the present images, in order; text] per sample, left-padded.
 
         Left padding for every batch keeps generation and training on one layout, and explicit
-        position ids make a padded sample compute exactly what it computes alone.
+        position ids make a padded sample compute exactly what it computes alone. A batch with
+        ``image_slots`` (``model.image_placement=markers``) puts each image at its marker instead.
         """
+        if image_slots is not None:
+            from sam_mllm.models.placement import assemble_at_markers
+
+            text = self.language_model.get_input_embeddings()(input_ids)
+            return assemble_at_markers(visual_tokens, image_mask, text, attention_mask, image_slots, labels)
         b = visual_tokens.shape[0]
         nq = visual_tokens.shape[2]
         vis = visual_tokens.flatten(1, 2)
@@ -394,7 +400,7 @@ class SAMModel(nn.Module):
             perception = self._visual_tokens(batch)
             embeds, mask, positions, labels = self._assemble(
                 perception.visual_tokens, batch["image_mask"], batch["input_ids"], batch["attention_mask"],
-                batch["labels"],
+                batch["labels"], image_slots=batch.get("image_slots"),
             )
             out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         logits = out.logits
@@ -427,7 +433,8 @@ class SAMModel(nn.Module):
         with self._autocast():
             perception = self._visual_tokens(batch)
             embeds, mask, _, _ = self._assemble(
-                perception.visual_tokens, batch["image_mask"], batch["input_ids"], batch["attention_mask"]
+                perception.visual_tokens, batch["image_mask"], batch["input_ids"], batch["attention_mask"],
+                image_slots=batch.get("image_slots"),
             )
             ids = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **settings)
         if return_ids:
