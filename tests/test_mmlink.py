@@ -170,6 +170,15 @@ class _RgbSource:
         return ObjectGroup((item, item), ([item], [item]))
 
 
+def test_template_writer_is_seeded_and_varied():
+    from sam_mllm.data.mmlink.stages import TemplateWriter
+
+    w = TemplateWriter()
+    a, b = (w.write(None, 2, np.random.default_rng(7), 0) for _ in range(2))
+    assert a == b and a[0].prompt != a[1].prompt and all(x.prompt.startswith("a ") for x in a)
+    assert len({w.write(None, 1, np.random.default_rng(s), 0)[0].prompt for s in range(20)}) > 10
+
+
 def test_compositor_keeps_the_main_object_whole():
     from sam_mllm.data.mmlink.stages import Cutout, PasteCompositor
 

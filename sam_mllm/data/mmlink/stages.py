@@ -240,7 +240,8 @@ def cutout(item: Item, mask: np.ndarray) -> Cutout:
 class PasteCompositor:
     """Objects pasted onto a ``fill``-coloured canvas at random positions and sizes (the longer side
     of each object a uniform fraction ``scale`` of the canvas), overlapping each other by at most
-    ``max_overlap`` of the smaller box; the main object is pasted last so none of it is hidden."""
+    ``max_overlap`` of the smaller box (after ``tries`` draws that all overlap more, the last is kept);
+    the main object is pasted last so none of it is hidden."""
 
     def __init__(self, scale: tuple[float, float] = (0.4, 0.75), max_overlap: float = 0.15,
                  fill: tuple[int, int, int] = (127, 127, 127), tries: int = 100) -> None:
