@@ -111,6 +111,9 @@ class EvalConfig:
     # in the output folder and start over (by default such a folder is refused).
     restart: bool = False
     html_report: bool = True
+    # SEA's Fig. 1 diagnostic: store and show each image's recalled words (the LLM input embeddings
+    # nearest to its visual tokens) in predictions.jsonl and the HTML report.
+    recalled_words: bool = False
     max_samples: int | None = None
 
 

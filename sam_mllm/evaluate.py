@@ -161,8 +161,10 @@ def _load_item(sample: Sample, root: Path, transform, mode: str = "released") ->
 
 
 def generate_predictions(model: SAMModel, processor: Processor, eval_set: EvalSet, out_dir: Path,
-                         accelerator: Accelerator, batch_size: int, generation: dict) -> None:
-    """Generate for every sample that has no prediction yet, appending to this process's file."""
+                         accelerator: Accelerator, batch_size: int, generation: dict, recall: bool = False) -> None:
+    """Generate for every sample that has no prediction yet, appending to this process's file.
+    ``recall``: also store each image's recalled words (nearest LLM input embeddings of its visual tokens)."""
+    from sam_mllm.objectives.sea import recalled_words
     out_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         for path in _prediction_files(out_dir):
@@ -185,8 +187,10 @@ def generate_predictions(model: SAMModel, processor: Processor, eval_set: EvalSe
             items = [_load_item(s, eval_set.root, transform, eval_set.image_mode) for s in chunk]
             batch = to_device(processor.collate(items, with_answers=False), accelerator.device)
             texts = model.generate(batch, **generation)
-            for sample, text in zip(chunk, texts):
-                f.write(json.dumps({"id": sample.id, "prediction": text}, ensure_ascii=False) + "\n")
+            recalled = recalled_words(model, batch) if recall else [None] * len(chunk)  # SEA's Fig. 1
+            for sample, text, words in zip(chunk, texts, recalled):
+                record = {"id": sample.id, "prediction": text, **({"recalled_words": words} if words else {})}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()  # a kill loses at most the batch in flight
             bar.update(len(chunk))
     bar.close()
@@ -196,13 +200,18 @@ def generate_predictions(model: SAMModel, processor: Processor, eval_set: EvalSe
 def score_eval_set(cfg: Config, eval_set: EvalSet, out_dir: Path) -> dict:
     """Merge the predictions in dataset order, score them, write the outputs. Main process only."""
     by_id: dict[str, str] = {}
+    recalled: dict[str, list[str]] = {}
     for path in _prediction_files(out_dir):
         for record in read_jsonl(path, valid=_is_prediction):
             by_id.setdefault(json.dumps(record["id"]), record["prediction"])
+            if "recalled_words" in record:
+                recalled.setdefault(json.dumps(record["id"]), record["recalled_words"])
     missing = [s.id for s in eval_set.samples if json.dumps(s.id) not in by_id]
     if missing:
         raise RuntimeError(f"{eval_set.name}: {len(missing)} samples have no prediction, e.g. {missing[:5]}")
-    merged = [{"id": s.id, "prediction": by_id[json.dumps(s.id)]} for s in eval_set.samples]
+    merged = [{"id": s.id, "prediction": by_id[json.dumps(s.id)],
+               **({"recalled_words": recalled[json.dumps(s.id)]} if json.dumps(s.id) in recalled else {})}
+              for s in eval_set.samples]
     _write_jsonl(out_dir / PREDICTIONS, merged)
     for path in _prediction_files(out_dir):
         if path.name != PREDICTIONS:
@@ -218,7 +227,7 @@ def score_eval_set(cfg: Config, eval_set: EvalSet, out_dir: Path) -> dict:
     for s in eval_set.samples:
         rows.append({"id": s.id, "prediction": by_id[json.dumps(s.id)], "references": references[json.dumps(s.id)],
                      "instruction": s.instruction, "images": [str(eval_set.root / p) for p in s.img_list],
-                     "scores": result.per_sample[s.id]})
+                     "scores": result.per_sample[s.id], "recalled_words": recalled.get(json.dumps(s.id))})
     _write_jsonl(out_dir / "per_sample.jsonl", [{k: r[k] for k in ("id", "prediction", "references", "scores")}
                                                 for r in rows])
     bad = [{"index": b.index, "id": b.id, "reason": b.reason} for b in eval_set.bad]
@@ -286,7 +295,8 @@ def _evaluate_locked(cfg: Config, model: SAMModel, processor: Processor, acceler
                 print(f"  #{b.index} id {b.id!r}: {b.reason}")
         ds_dir = out_dir / eval_set.name
         _claim(ds_dir, cfg, model, eval_set, accelerator)
-        generate_predictions(model, processor, eval_set, ds_dir, accelerator, cfg.eval.batch_size, generation)
+        generate_predictions(model, processor, eval_set, ds_dir, accelerator, cfg.eval.batch_size, generation,
+                             recall=cfg.eval.recalled_words)
         if accelerator.is_main_process:
             results[eval_set.name] = score_eval_set(cfg, eval_set, ds_dir)
         accelerator.wait_for_everyone()

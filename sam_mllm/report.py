@@ -167,6 +167,7 @@ def write_html_report(path: str | Path, *, title: str, rows: Sequence[Mapping], 
 def _row(r: Mapping, metrics: list[str], thumbs: dict[str, tuple[int, int, str] | None],
          classes: dict[str, str]) -> str:
     images = _as_list(r.get("images"))
+    recalled = _as_list(r.get("recalled_words"))  # SEA's diagnostic, one string per image when present
     figs = []
     for k, p in enumerate(images, start=1):
         p = str(p)
@@ -176,7 +177,8 @@ def _row(r: Mapping, metrics: list[str], thumbs: dict[str, tuple[int, int, str] 
         else:
             why = "missing" if not os.path.exists(p) else "unreadable"
             cell = f"<span class='missing' title='{_esc(p)}'>{why}: {name}</span>"
-        figs.append(f"<figure>{cell}<figcaption>#{k}</figcaption></figure>")
+        words = f"<br><small title='recalled words'>{_esc(str(recalled[k - 1]))}</small>" if k <= len(recalled) else ""
+        figs.append(f"<figure>{cell}<figcaption>#{k}{words}</figcaption></figure>")
     prediction = str(r.get("prediction") or "")
     refs = "".join(f"<div>{_esc(str(x))}</div>" for x in _as_list(r.get("references")))
     scores = r.get("scores") or {}

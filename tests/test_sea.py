@@ -342,3 +342,85 @@ def test_sea_needs_the_deterministic_transform(world, tmp_path):
     with pytest.raises(ConfigError, match="train.augment=none"):
         train(load_config(None, _overrides(world, tmp_path / "x", ["train.max_steps=1",
                                                                     "train.augment=random_resized_crop"])))
+
+
+# ------------------------------------------------------------------- CLIP labeller, diagnostics
+
+
+def _tiny_clip(path: Path, words: list[str], image_size: int = 32, patch: int = 8) -> None:
+    from transformers import CLIPConfig, CLIPModel
+
+    from sam_mllm.models.tokenizers import build_word_tokenizers
+
+    _, tok = build_word_tokenizers(words)  # [CLS] w [SEP]: CLIP pools at the first [SEP] (id 3)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=16, eos_token_id=3,
+                                      pad_token_id=0, bos_token_id=2),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                        image_size=image_size, patch_size=patch), projection_dim=16)
+    torch.manual_seed(0)
+    CLIPModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def test_clip_labeller_is_eqs_4_to_6_on_the_backbone_grid(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from sam_mllm.objectives.labellers import CLIPLabeller, LabellerError
+
+    words = ["red", "blue", "green", "star", "circle"]
+    _tiny_clip(tmp_path / "clip", words)
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3)).astype(np.uint8)).save(img)
+    lab = CLIPLabeller(str(tmp_path / "clip"), words, grid=4, top_n=3)
+    out = lab([img])
+    assert out.shape == (1, 16, 3, 2)
+    m = lab.model
+    pixels = lab.transform(Image.open(img))[None]
+    with torch.no_grad():
+        vis = m.visual_projection(m.vision_model.post_layernorm(m.vision_model(pixel_values=pixels).last_hidden_state[:, 1:]))
+        enc = lab.model.config  # text features word by word, one at a time (no padding)
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tmp_path / "clip")
+        text = torch.cat([m.text_projection(m.text_model(**tok([w], return_tensors="pt")).pooler_output) for w in words])
+    assert enc.text_config.eos_token_id == 3
+    ids, scores = S.patch_labels(vis[0], text, 3, negate=True)
+    assert torch.equal(out[0, ..., 0].long(), ids) and torch.allclose(out[0, ..., 1], S.normalize_scores(scores), atol=1e-5)
+    with pytest.raises(LabellerError, match="patch grid is 4x4"):
+        CLIPLabeller(str(tmp_path / "clip"), words, grid=16)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LabellerError, match="not found in the Hugging Face cache.*HF_HUB_OFFLINE"):
+        CLIPLabeller("nobody/no-such-clip", words, grid=4)
+
+
+def test_recalled_words_reach_predictions_and_report(tmp_path, world):
+    from sam_mllm.evaluate import evaluate
+
+    cfg = load_config(None, ["model.dims=tiny", "model.name=llava_mlp", f"data_root={world.parent}",
+                             f"output_dir={tmp_path}", "eval.recalled_words=true", "generation.max_length=2",
+                             "generation.num_beams=1", "model.max_images=2",
+                             f"eval.datasets=[{{name: w, task: group_captioning, path: {world.name}}}]"])
+    evaluate(cfg, out_dir=tmp_path)
+    preds = read_jsonl(tmp_path / "w" / "predictions.jsonl")
+    assert all(len(p["recalled_words"]) == 2 and "×" in p["recalled_words"][0] for p in preds)
+    assert "recalled words" in (tmp_path / "w" / "report.html").read_text()
+
+
+def test_recalled_word_accuracy_counts_labelled_tokens_of_present_images(tiny_backbone, tokenizers):
+    model = make_model(tiny_backbone, tokenizers, guidance="none", perceiver="mlp")
+    batch = make_batch(tokenizers, [2, 1])
+    labels = _labels(batch, 16, len(WORDS))
+    labels[0, 0, :5] = torch.tensor([-1.0, 0.0])  # five unlabelled patches
+    batch["patch_labels"] = labels
+    obj = S.SEAObjective(WORDS, tokenizers[0])
+    hits, total = S.recalled_word_accuracy(model, batch, obj)
+    assert total == 3 * 16 - 5 and 0 <= hits <= total
+    # Tokens made equal to their top label's embedding are all recalled.
+    emb = S.label_embeddings(model.language_model.get_input_embeddings().weight, obj.word_ids, obj.word_mask)
+    top = labels[..., 0].long().gather(-1, labels[..., 1].argmax(-1, keepdim=True)).squeeze(-1)
+    from sam_mllm.models.sam import Perception
+
+    fake = Perception(query_output=None, visual_tokens=emb[top.clamp(min=0)])
+    model._visual_tokens = lambda b: fake
+    assert S.recalled_word_accuracy(model, batch, obj) == (total, total)

@@ -352,3 +352,61 @@ class SEAObjective(nn.Module):
             sim = F.normalize(visual.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
             accuracy = float((sim.argmax(-1) == torch.arange(len(sim), device=sim.device)).float().mean())
         return SEAResult(loss, len(words), accuracy, float(tau.detach()))
+
+
+# ------------------------------------------------------------------------------ recalled words (Fig. 1)
+
+
+@torch.no_grad()
+def recalled_words(model, batch: dict, top: int = 6) -> list[list[str]]:
+    """The paper's Fig. 1 diagnostic: the LLM input embedding nearest (cosine) to each visual token,
+    over the whole LLM vocabulary except special tokens. Per sample and present image, the recalled
+    words by frequency (``word×count``), at most ``top`` of them. Adds nothing to generation."""
+    tok = model.llm_tokenizer
+    perception = model._visual_tokens(batch)
+    table = F.normalize(model.language_model.get_input_embeddings().weight.float(), dim=-1)
+    special = torch.tensor(sorted(set(tok.all_special_ids)), device=table.device, dtype=torch.long)
+    mask = batch["image_mask"].bool()
+    out: list[list[str]] = []
+    for b in range(mask.shape[0]):
+        per_image = []
+        for n in mask[b].nonzero().flatten().tolist():
+            sim = F.normalize(perception.visual_tokens[b, n].float(), dim=-1) @ table.T
+            sim[:, special] = float("-inf")
+            ids, counts = torch.unique(sim.argmax(-1), return_counts=True)
+            order = counts.argsort(descending=True, stable=True)[:top]
+            words = [f"{tok.convert_ids_to_tokens(int(ids[i]))}×{int(counts[i])}" for i in order]
+            per_image.append(" ".join(words))
+        out.append(per_image)
+    return out
+
+
+@torch.no_grad()
+def recalled_word_accuracy(model, batch: dict, objective: SEAObjective) -> tuple[int, int]:
+    """(hits, tokens): a visual token is a hit when the label word whose Eq. 8 embedding is nearest to
+    it (cosine, among the labeller's words) is the token's most likely label — its patch's top label
+    (``perceiver='mlp'``) or the top word of its attention mixture (Q-Former). Tokens without any
+    label do not count. Needs ``batch['patch_labels']`` like training."""
+    perception = model._visual_tokens(batch)
+    embedding = model.language_model.get_input_embeddings().weight
+    words = F.normalize(label_embeddings(embedding, objective.word_ids, objective.word_mask).float(), dim=-1)
+    mask = batch["image_mask"].bool()
+    b_idx, n_idx = mask.nonzero(as_tuple=True)
+    labels = batch["patch_labels"][b_idx, n_idx]
+    ids, probs = labels[..., 0].long(), labels[..., 1]
+    if getattr(model, "perceiver", "qformer") == "mlp":
+        top = ids.gather(-1, probs.argmax(-1, keepdim=True)).squeeze(-1)  # [M, P-1]
+        top = top.masked_fill(probs.sum(-1) <= 0, -1)
+    else:
+        att = query_attribution(model, perception.image_embeds, mask, batch["qformer_input_ids"],
+                                batch["qformer_attention_mask"], objective.attribution)
+        top = []
+        for m in range(len(b_idx)):
+            present, mixture = mix_labels(att[m], ids[m], probs[m])
+            best = present[mixture.argmax(-1)] if len(present) else torch.full((att.shape[1],), -1)
+            top.append(best.masked_fill(mixture.sum(-1) <= 0, -1) if len(present) else best)
+        top = torch.stack(top)
+    tokens = F.normalize(perception.visual_tokens[b_idx, n_idx].float(), dim=-1)
+    nearest = (tokens @ words.T).argmax(-1)
+    valid = top >= 0
+    return int((nearest == top)[valid].sum()), int(valid.sum())
