@@ -149,6 +149,7 @@ class TrainConfig:
 class SEAConfig:
     """SEA's token-level alignment loss (docs/SEA.md): L = L_CE + weight * L_SEA during training."""
 
+    # Add SEA's alignment loss to training (any model variant; nothing changes at inference).
     enabled: bool = False
     # λ of Eq. 11. The paper (v1) gives no value; 1.0 with a sweep in docs/RESULTS.md. 0 computes and
     # logs L_SEA but leaves loss and gradients bit-identical to training without SEA.
