@@ -197,7 +197,15 @@ def generate_predictions(model: SAMModel, processor: Processor, eval_set: EvalSe
     accelerator.wait_for_everyone()
 
 
-def score_eval_set(cfg: Config, eval_set: EvalSet, out_dir: Path) -> dict:
+def model_label(cfg: Config) -> str:
+    """Which model a config evaluates, in one line (shown in reports)."""
+    m = cfg.model
+    backbone = f"dims {m.dims}" if m.dims is not None else m.backbone
+    return f"{m.name} on {backbone}" + (f", trained weights {m.checkpoint}" if m.checkpoint else ", nothing trained")
+
+
+def score_eval_set(cfg: Config, eval_set: EvalSet, out_dir: Path,
+                   report_links: Sequence[tuple[str, str]] = ()) -> dict:
     """Merge the predictions in dataset order, score them, write the outputs. Main process only."""
     by_id: dict[str, str] = {}
     recalled: dict[str, list[str]] = {}
@@ -237,7 +245,8 @@ def score_eval_set(cfg: Config, eval_set: EvalSet, out_dir: Path) -> dict:
         from sam_mllm.report import write_html_report
 
         write_html_report(out_dir / "report.html", title=f"{eval_set.name} ({eval_set.task})", rows=rows,
-                          summary=result.summary, bad_samples=bad, image_mode=eval_set.image_mode)
+                          summary=result.summary, bad_samples=bad, image_mode=eval_set.image_mode,
+                          model=model_label(cfg), links=report_links)
     return summary
 
 
@@ -256,8 +265,12 @@ def _write_json(path: Path, obj) -> None:
 
 
 def evaluate(cfg: Config, model: SAMModel | None = None, accelerator: Accelerator | None = None,
-             out_dir: Path | None = None) -> dict[str, dict]:
-    """Evaluate on every dataset of ``cfg.eval.datasets``; returns {dataset: summary} (main process)."""
+             out_dir: Path | None = None, report_links: Sequence[tuple[str, str]] = ()) -> dict[str, dict]:
+    """Evaluate on every dataset of ``cfg.eval.datasets``; returns {dataset: summary} (main process).
+
+    ``report_links``: ``(href, text)`` pairs each report.html shows under its title (hrefs relative
+    to the dataset's folder ``out_dir/<dataset>/``).
+    """
     if not cfg.eval.datasets:
         raise ConfigError("eval.datasets is empty: give --config (e.g. --config eval/clevr_change; see "
                           "--list-configs) or name the datasets in eval.datasets")
@@ -275,13 +288,13 @@ def evaluate(cfg: Config, model: SAMModel | None = None, accelerator: Accelerato
             problem = str(exc)
     _raise_everywhere(problem, accelerator)
     try:
-        return _evaluate_locked(cfg, model, processor, accelerator, out_dir)
+        return _evaluate_locked(cfg, model, processor, accelerator, out_dir, report_links)
     finally:
         lock.release()
 
 
 def _evaluate_locked(cfg: Config, model: SAMModel, processor: Processor, accelerator: Accelerator,
-                     out_dir: Path) -> dict[str, dict]:
+                     out_dir: Path, report_links: Sequence[tuple[str, str]] = ()) -> dict[str, dict]:
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -298,7 +311,7 @@ def _evaluate_locked(cfg: Config, model: SAMModel, processor: Processor, acceler
         generate_predictions(model, processor, eval_set, ds_dir, accelerator, cfg.eval.batch_size, generation,
                              recall=cfg.eval.recalled_words)
         if accelerator.is_main_process:
-            results[eval_set.name] = score_eval_set(cfg, eval_set, ds_dir)
+            results[eval_set.name] = score_eval_set(cfg, eval_set, ds_dir, report_links)
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json(out_dir / "metrics.json", results)

@@ -137,3 +137,32 @@ def score(records: Iterable[tuple], metrics: Sequence[str] = ("rouge_l", "cider"
         for pos, v in per.items():
             per_sample[ids[pos]][key] = round(v * 100, 2)
     return MetricResult(summary=summary, per_sample=per_sample)
+
+
+@register("metric", "exact_match")
+def exact_match(preds: dict[int, str], refs: dict[int, list[str]]) -> tuple[float, dict[int, float]]:
+    """1 when the normalised prediction equals a normalised reference (short answers: "red", "yes")."""
+    per = {k: float(" ".join(preds[k].split()) in {" ".join(r.split()) for r in refs[k]}) for k in preds}
+    return sum(per.values()) / len(per), per
+
+
+_WORD = re.compile(r"\w+")
+
+
+def repetition_loop(text: str, min_repeats: int = 3, max_n: int = 4) -> bool:
+    """Whether ``text`` runs into a loop: some 1- to ``max_n``-word sequence repeated at least
+    ``min_repeats`` times in a row ("the the the", "in the sea in the sea in the sea")."""
+    words = _WORD.findall(text.lower())
+    for n in range(1, max_n + 1):
+        for start in range(len(words) - n * min_repeats + 1):
+            gram = words[start : start + n]
+            if all(words[start + r * n : start + (r + 1) * n] == gram for r in range(1, min_repeats)):
+                return True
+    return False
+
+
+@register("metric", "repetition_loop")
+def repetition_loop_rate(preds: dict[int, str], refs: dict[int, list[str]]) -> tuple[float, dict[int, float]]:
+    """Share of predictions that loop (``repetition_loop``); a failure rate, not a quality score."""
+    per = {k: float(repetition_loop(preds[k])) for k in preds}
+    return sum(per.values()) / len(per), per

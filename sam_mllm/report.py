@@ -82,7 +82,8 @@ document.getElementById('filter').addEventListener('input',e=>{
 
 def write_html_report(path: str | Path, *, title: str, rows: Sequence[Mapping], summary: Mapping[str, float],
                       bad_samples: Sequence[Mapping] = (), thumb_size: int = 96, max_rows: int | None = None,
-                      full_results: str | None = "per_sample.jsonl", image_mode: str = "released") -> Path:
+                      full_results: str | None = "per_sample.jsonl", image_mode: str = "released",
+                      model: str | None = None, links: Sequence[tuple[str, str]] = ()) -> Path:
     """Write one self-contained HTML page showing what a model got right and wrong on a dataset.
 
     Args:
@@ -101,6 +102,8 @@ def write_html_report(path: str | Path, *, title: str, rows: Sequence[Mapping], 
             leaves rows out (``None``: name nothing).
         image_mode: how the model loaded the images (``data.image_mode``); thumbnails go through the same
             loader, so the page shows what the model saw.
+        model: which model made the predictions, shown under the title.
+        links: ``(href, text)`` pairs shown under the title (e.g. back to an index page).
 
     Returns:
         ``path`` as a ``Path``.
@@ -120,6 +123,10 @@ def write_html_report(path: str | Path, *, title: str, rows: Sequence[Mapping], 
         out.append(f".{cls}{{width:{w}px;height:{h}px;background-image:url(data:image/jpeg;base64,{data})}}\n")
     out.append(f".missing{{width:{thumb_size}px;height:{max(24, thumb_size * 2 // 3)}px}}</style></head><body>")
     out.append(f"<h1>{_esc(title)}</h1>")
+    if model:
+        out.append(f"<p class='note'>model: <b>{_esc(model)}</b></p>")
+    if links:
+        out.append("<p>" + " · ".join(f"<a href='{_esc(h)}'>{_esc(t)}</a>" for h, t in links) + "</p>")
 
     out.append("<table class='summary'><tbody>")
     for k, v in summary.items():
