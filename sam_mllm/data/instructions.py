@@ -22,6 +22,7 @@ held-out score measures new combinations of known words, not unknown tokens.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -216,3 +217,31 @@ def instruction_records(scene: dict, split: str, rng: np.random.Generator,
         other = HELDOUT_TASKS[int(rng.integers(len(HELDOUT_TASKS)))]
         out["heldout_task"] = _ask(other, other.heldout, scene, rng, phrasing)
     return out
+
+
+def answer_form(task: str) -> re.Pattern:
+    """What a well-formed answer to ``task`` looks like, whatever the scene: a colour word for
+    ``colour``, "yes." or "no." for ``exists``, a list of object names for ``list``... A backbone that
+    follows an instruction answers in its form even where it misperceives the image, so the share of
+    well-formed answers measures instruction following apart from perception."""
+    from sam_mllm.data.synthetic import COLOURS, CONTEXTS, NUMBER_WORDS, PATTERNS, SHAPES
+
+    def alt(words) -> str:
+        return "(?:" + "|".join(re.escape(w) for w in words) + ")"
+
+    name = f"a {alt(COLOURS)}(?: {alt(PATTERNS[1:])})? {alt(SHAPES)}"
+    listing = f"{name}(?:, {name})*(?: and {name})?"
+    ctx = alt(CONTEXTS.values())
+    forms = {"colour": alt(COLOURS), "side_colour": alt(COLOURS), "shape": alt(SHAPES), "pattern": alt(PATTERNS),
+             "background": alt(CONTEXTS), "count": alt(NUMBER_WORDS[1:]), "exists": "(?:yes|no)",
+             "describe": f"{listing} {ctx}", "list": listing, "position": name, "refer": name, "where": ctx,
+             "detail": f"there (?:is one object|are {alt(NUMBER_WORDS[2:])} objects) {ctx}\\. .+"}
+    if task not in forms:
+        raise ValueError(f"unknown instruction task {task!r}")
+    return re.compile(forms[task] + r"\.")
+
+
+def well_formed(task: str, answer: str) -> bool:
+    """Whether ``answer`` (as generated: spacing around punctuation is tidied) has ``task``'s form."""
+    text = re.sub(r"\s+([.,])", r"\1", " ".join(answer.lower().split()))
+    return answer_form(task).fullmatch(text) is not None
