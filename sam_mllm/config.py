@@ -56,6 +56,8 @@ class ModelConfig:
     # Where visual tokens enter the LLM: prefix (all images before the prompt, as released) | markers
     # (image k at the prompt's {image#k} or k-th <image> marker; sam_mllm.data.placement).
     image_placement: str = "prefix"
+    # +VPG-C (model: vpgc): 0-based LLM layer whose input the re-read images update; null = the middle.
+    vpgc_layer: int | None = None
     # Token budgets of LAVIS's InstructBLIP (prompt truncated from the left, answer from the right).
     max_prompt_tokens: int = 128
     max_answer_tokens: int = 256

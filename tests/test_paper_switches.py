@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from conftest import make_batch, make_model, select
 
 from sam_mllm.config import ModelConfig, load_config
 from sam_mllm.models import build_model, load_trainable, save_trainable
@@ -77,3 +77,69 @@ def test_group_names_still_work_and_unknown_groups_fail():
         "query_tokens", "language_projection.weight", "language_projection.bias"}
     with pytest.raises(ValueError, match="unknown group.*groups of this model"):
         build_model(ModelConfig(name="instructblip", dims="tiny", trainable=["w_in"]))
+
+
+# ------------------------------------------------------------------------------------------ +VPG-C
+
+
+def _vpgc_pair(tiny_backbone, tokenizers):
+    base = make_model(tiny_backbone, tokenizers, guidance="none")
+    vpgc = make_model(tiny_backbone, tokenizers, guidance="none", vpgc=True)
+    return base, vpgc
+
+
+def test_untrained_vpgc_is_instructblip_bit_for_bit(tiny_backbone, tokenizers):
+    base, vpgc = _vpgc_pair(tiny_backbone, tokenizers)
+    assert vpgc.vpgc.layer == 1 and vpgc.trainable == ["vpgc", "language_projection"]
+    batch = make_batch(tokenizers, [2, 3, 1])
+    assert torch.equal(base(batch).logits, vpgc(batch).logits)
+    gen = {k: v for k, v in batch.items() if k != "labels"}
+    assert torch.equal(base.generate(gen, return_ids=True, max_length=4, num_beams=2),
+                       vpgc.generate(gen, return_ids=True, max_length=4, num_beams=2))
+
+
+def test_vpgc_trains_only_its_groups_and_acts_at_the_visual_tokens(tiny_backbone, tokenizers):
+    from sam_mllm.models.vpgc import visual_positions
+
+    _, vpgc = _vpgc_pair(tiny_backbone, tokenizers)
+    with torch.no_grad():
+        vpgc.vpgc.state_out.weight.normal_(std=0.5)
+        vpgc.vpgc.state_in.weight.normal_(std=0.5)
+    batch = make_batch(tokenizers, [2, 3])
+    vpgc.train()
+    vpgc(batch).loss.backward()
+    with_grad = {n for n, p in vpgc.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad == {n for n, p in vpgc.named_parameters() if p.requires_grad}
+    assert all(n.startswith(("vpgc.", "language_projection.")) for n in with_grad)
+    assert {"vpgc.query_tokens", "vpgc.state_in.weight", "vpgc.state_out.weight"} <= with_grad
+    # The positions the hook writes to are the visual tokens _assemble placed.
+    vpgc.eval()
+    perception = vpgc._visual_tokens(batch)
+    embeds, *_ = vpgc._assemble(perception.visual_tokens, batch["image_mask"], batch["input_ids"],
+                                batch["attention_mask"], batch["labels"])
+    pos = visual_positions(batch["image_mask"], batch["attention_mask"], vpgc.num_query_tokens)
+    for i, n in ((0, 0), (0, 1), (1, 2)):
+        assert torch.equal(embeds[i, pos[i, n]], perception.visual_tokens[i, n])
+    assert (pos[0, 2] == -1).all()
+    # A batch (with beams in generation) computes what each sample computes alone.
+    gen = {k: v for k, v in batch.items() if k != "labels"}
+    together = vpgc.generate(gen, return_ids=True, max_length=3, num_beams=2)
+    logits = vpgc(batch).logits
+    for i in range(2):
+        alone = select(batch, i)
+        ref = vpgc(alone).logits[0]
+        assert torch.allclose(logits[i, -len(ref):], ref, atol=1e-5)
+        ids = vpgc.generate({k: v for k, v in alone.items() if k != "labels"}, return_ids=True, max_length=3,
+                            num_beams=2)
+        assert torch.equal(together[i, -ids.shape[1]:], ids[0])
+
+
+def test_vpgc_config_and_7b_count():
+    cfg = load_config("train/ablation_vpgc")
+    assert cfg.model.name == "vpgc"
+    cfg.model.dims, cfg.model.lavis_checkpoint = "7b", None
+    model = build_model(cfg.model, device="meta")
+    assert model.vpgc.layer == 16
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # query copy 32x768 + 4096->768 + 768->4096 maps + the language projection.
+    assert trained == 32 * 768 + (4096 * 768 + 768) + (768 * 4096 + 4096) + (768 * 4096 + 4096)

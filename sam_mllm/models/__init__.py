@@ -7,6 +7,9 @@
 | sam_linear     | +LIN                     | one Linear| adaptive        |
 | sam            | SAM                      | W-former  | adaptive        |
 | llava_mlp      | (SEA's setting, no SAM)  | none; a GELU MLP per patch instead of the Q-Former |
+| vpgc           | +VPG-C                   | none; Cheetah's re-read of the images at a middle LLM layer (models/vpgc.py) |
+
++MMICL is ``instructblip`` with ``trainable`` patterns (configs/train/ablation_mmicl.yaml).
 
 +DATA is ``instructblip`` with ``model.trainable=[language_projection]`` (its default).
 """
@@ -35,6 +38,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "sam_bsg_mean": dict(guidance="w_former", patch_weighting="mean"),
     "sam_linear": dict(guidance="linear", patch_weighting="adaptive"),
     "llava_mlp": dict(guidance="none", perceiver="mlp"),
+    "vpgc": dict(guidance="none", vpgc=True),
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -78,7 +82,7 @@ def _build_variant(variant: str, cfg: ModelConfig, device: torch.device | str | 
             backbone, qf_tok, llm_tok, **options, context=cfg.context,
             guide_in_layer=cfg.guide_in_layer, guide_out_layer=cfg.guide_out_layer,
             trainable=cfg.trainable, max_images=cfg.max_images,
-            gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing=cfg.gradient_checkpointing, vpgc_layer=cfg.vpgc_layer,
         )
     # Trainable layers stay float32 under a bf16 backbone: the optimizer works on them.
     for p in model.parameters():

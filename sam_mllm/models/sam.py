@@ -24,6 +24,8 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from sam_mllm.config import ConfigError
+from sam_mllm.models.vpgc import VisualPromptCompleter, completer_kwargs
+from sam_mllm.models.vpgc import generating as vpgc_generating
 
 GUIDANCE = ("none", "w_former", "linear")
 PATCH_WEIGHTING = ("adaptive", "mean")
@@ -74,6 +76,8 @@ class SAMModel(nn.Module):
         max_images: int = 8,
         gradient_checkpointing: bool = False,
         perceiver: str = "qformer",
+        vpgc: bool = False,
+        vpgc_layer: int | None = None,
     ) -> None:
         super().__init__()
         _check_choice("guidance", guidance, GUIDANCE)
@@ -125,6 +129,10 @@ class SAMModel(nn.Module):
             dl = self.config.text_config.hidden_size
             self.mlp_projector = nn.Sequential(nn.Linear(dv, dl, device=device, dtype=dtype), nn.GELU(),
                                                nn.Linear(dl, dl, device=device, dtype=dtype))
+        if vpgc:
+            # +VPG-C: a hook at a middle LLM layer re-reads the images (sam_mllm.models.vpgc).
+            self.vpgc = VisualPromptCompleter(self.query_tokens, dq, self.config.text_config.hidden_size,
+                                              self.language_model.model.layers, vpgc_layer)
         if guidance != "none" and patch_weighting == "adaptive" and device.type != "meta":
             nn.init.normal_(self.patch_weight.weight, std=0.02)
             nn.init.zeros_(self.patch_weight.bias)
@@ -140,7 +148,7 @@ class SAMModel(nn.Module):
     def parameter_groups(self) -> dict[str, nn.Module | nn.Parameter]:
         """Named groups that ``trainable`` may list."""
         groups: dict[str, nn.Module | nn.Parameter] = {}
-        for name in ("patch_weight", "w_in", "w_out", "context_proj", "mlp_projector"):
+        for name in ("patch_weight", "w_in", "w_out", "context_proj", "mlp_projector", "vpgc"):
             if hasattr(self, name):
                 groups[name] = getattr(self, name)
         groups.update(
@@ -152,7 +160,7 @@ class SAMModel(nn.Module):
     def default_trainable(self) -> list[str]:
         if self.perceiver == "mlp":
             return ["mlp_projector"]  # the Q-Former and its projection are not used
-        return [g for g in ("patch_weight", "w_in", "w_out", "context_proj", "language_projection")
+        return [g for g in ("patch_weight", "w_in", "w_out", "context_proj", "vpgc", "language_projection")
                 if g in self.parameter_groups()]
 
     def set_trainable(self, names: list[str]) -> None:
@@ -402,7 +410,8 @@ class SAMModel(nn.Module):
                 perception.visual_tokens, batch["image_mask"], batch["input_ids"], batch["attention_mask"],
                 batch["labels"], image_slots=batch.get("image_slots"),
             )
-            out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+            out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                      **completer_kwargs(self, batch, perception.image_embeds, labels, embeds.shape[1]))
         logits = out.logits
         target = labels[:, 1:]
         n_tokens = int((target != -100).sum())
@@ -436,7 +445,8 @@ class SAMModel(nn.Module):
                 perception.visual_tokens, batch["image_mask"], batch["input_ids"], batch["attention_mask"],
                 image_slots=batch.get("image_slots"),
             )
-            ids = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **settings)
+            with vpgc_generating(self, batch, perception.image_embeds, embeds.shape[1]):
+                ids = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **settings)
         if return_ids:
             return ids
         if tok is None:
