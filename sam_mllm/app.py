@@ -84,7 +84,7 @@ def build_app(pipe, title: str = "sam_mllm"):
     gen = pipe.generation
     model_name = pipe.cfg.model.name
 
-    def answer(files, prompt, num_beams, max_length, repetition_penalty, length_penalty):
+    def answer(files, prompt, num_beams, max_new_tokens, repetition_penalty, length_penalty):
         if not files:
             raise gr.Error("Upload at least one image.")
         if not (prompt or "").strip():
@@ -93,7 +93,7 @@ def build_app(pipe, title: str = "sam_mllm"):
         try:
             # The pipeline's image mode (upright by default: phone photos keep their EXIF orientation).
             images = [load_image(p, f"upload {i + 1} ({Path(p).name}): ", pipe.image_mode) for i, p in enumerate(paths)]
-            text = pipe.generate(images, prompt, num_beams=int(num_beams), max_length=int(max_length),
+            text = pipe.generate(images, prompt, num_beams=int(num_beams), max_new_tokens=int(max_new_tokens),
                                  repetition_penalty=float(repetition_penalty), length_penalty=float(length_penalty))
         except (UserError, ValueError) as exc:  # bad upload, too many images: the message says which
             raise gr.Error(cli.one_line(exc)) from None
@@ -111,7 +111,7 @@ def build_app(pipe, title: str = "sam_mllm"):
                 prompt = gr.Textbox(label="question or instruction", lines=2)
                 with gr.Accordion("generation", open=False):
                     beams = gr.Slider(1, 8, value=gen["num_beams"], step=1, label="beams")
-                    length = gr.Slider(1, 256, value=gen["max_length"], step=1, label="max new tokens")
+                    length = gr.Slider(1, 256, value=gen["max_new_tokens"], step=1, label="max new tokens")
                     rep = gr.Slider(1.0, 2.0, value=gen["repetition_penalty"], step=0.05,
                                     label="repetition penalty")
                     lp = gr.Slider(0.0, 2.0, value=gen["length_penalty"], step=0.1, label="length penalty")

@@ -248,7 +248,7 @@ def run(preset: str, batch_size: int, image_counts: list[int], repeats: int, dev
             t_base = timeit(train_step(base, batch), device, repeats)
             row = {"N": n, "sam_step_s": t_sam, "instructblip_step_s": t_base, "ratio": t_sam / t_base}
             if "generate" in sections:
-                gen = dict(max_length=gen_tokens, min_length=gen_tokens, num_beams=1, return_ids=True)
+                gen = dict(max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, num_beams=1, return_ids=True)
                 g_sam = timeit(lambda b=batch, g=gen: sam.generate(b, **g), device, max(1, repeats // 2))
                 g_base = timeit(lambda b=batch, g=gen: base.generate(b, **g), device, max(1, repeats // 2))
                 row.update(sam_generate_s=g_sam, instructblip_generate_s=g_base, generate_ratio=g_sam / g_base)

@@ -49,7 +49,10 @@ class ModelConfig:
     lavis_checkpoint: str | None = None
     # Our own trained parameters (safetensors written by save_trainable / training).
     checkpoint: str | None = None
-    dtype: str = "float32"  # float32 | bfloat16 (weights of the frozen backbone)
+    # Weights of the frozen backbone: float32 | bfloat16 | paper (the released evaluation: ViT and LLM
+    # in fp16, Q-Former, projection and SAM's layers in fp32, all under fp16 autocast; GPU only,
+    # float32 on a CPU).
+    dtype: str = "float32"
     attn_implementation: str = "sdpa"  # sdpa | eager
     gradient_checkpointing: bool = False  # recompute the frozen LLM's activations in backward (less memory)
     max_images: int = 8  # most images a sample may have
@@ -62,14 +65,22 @@ class ModelConfig:
     max_prompt_tokens: int = 128
     max_answer_tokens: int = 256
     max_qformer_tokens: int = 128
+    # Token put first in every LLM prompt, by us, whatever the tokenizer's template does: the
+    # released SAM / InstructBLIP-Vicuna use "</s>" (id 2). null = the tokenizer's template as is.
+    llm_bos: str | None = "</s>"
+    # Evaluation prompts are passed whole, as the released generate() did; true = cut them from
+    # the left to max_prompt_tokens as training does (instead of failing when one exceeds the context).
+    truncate_eval_prompts: bool = False
 
 
 @dataclass
 class GenerationConfig:
-    # Released code's settings (docs/DESIGN.md §1); paper-comparable evaluation uses them.
+    # Released code's settings (docs/DESIGN.md §1, docs/REPRODUCING.md); paper-comparable evaluation
+    # uses them. Its generate(max_length=256, min_length=1) under transformers 4.33 counted one dummy
+    # BOS token: at most 255 new tokens, and no minimum (an answer may be empty).
     num_beams: int = 5
-    max_length: int = 256  # most generated tokens (the prompt is not counted)
-    min_length: int = 1  # fewest generated tokens
+    max_new_tokens: int = 255  # most generated tokens (256 = this library's old max_length=256)
+    min_new_tokens: int = 0  # fewest generated tokens (1 = this library's old min_length=1)
     repetition_penalty: float = 1.5
     length_penalty: float = 1.0
     do_sample: bool = False
@@ -249,7 +260,7 @@ def _explain(exc: OmegaConfBaseException) -> str:
 
 _CHOICES = {
     "model.context": ("all", "others"),
-    "model.dtype": ("float32", "bfloat16"),
+    "model.dtype": ("float32", "bfloat16", "paper"),
     "model.attn_implementation": ("sdpa", "eager"),
     "model.image_placement": ("prefix", "markers"),
     "train.augment": ("none", "random_resized_crop"),

@@ -115,6 +115,17 @@ def load_train_sets(cfg: Config) -> tuple[list[tuple[Path, list[Sample]]], list[
     return sets, weights
 
 
+def report_truncated_prompts(cfg: Config, processor: Processor, sets: list[tuple[Path, list[Sample]]]) -> None:
+    """Once per dataset: how many training prompts are cut to model.max_prompt_tokens (from the left,
+    as released). The Q-Former cuts its own tokens to model.max_qformer_tokens, so the two may then
+    see different parts of the instruction."""
+    for ds, (_, samples) in zip(cfg.train.datasets, sets):
+        cut = sum(processor.is_truncated(s.instruction) for s in samples)
+        if cut:
+            print(f"{dataset_root(cfg, ds)[0]}: {cut} of {len(samples)} training prompts exceed "
+                  f"model.max_prompt_tokens={processor.max_prompt_tokens} LLM tokens; their start is cut")
+
+
 def build_feature_cache(cfg: Config, model: SAMModel, processor: Processor, sets, accelerator) -> FeatureCache:
     if cfg.train.augment != "none":
         raise ConfigError(
@@ -282,6 +293,8 @@ def train(cfg: Config) -> Path:
 
     # Data: a deterministic mixture; pixels, or features from the on-disk cache.
     sets, weights = load_train_sets(cfg)
+    if accelerator.is_main_process:
+        report_truncated_prompts(cfg, processor, sets)
     cache = build_feature_cache(cfg, model, processor, sets, accelerator) if t.feature_cache else None
     # SEA (optional): L = L_CE + λ·L_SEA with patch labels from a cache and a learnable temperature.
     sea, labels = build_sea(cfg, model, processor, sets, accelerator) if cfg.sea.enabled else (None, None)

@@ -49,7 +49,7 @@ def test_answer_and_patch_weights_come_back(served):
     answer, gallery = client.predict([gradio_client.handle_file(str(p)) for p in paths], prompt, 1, 8, 1.5, 1.0,
                                      api_name="/answer")
     images = [Image.open(p).convert("RGB") for p in paths]
-    assert answer == pipe.generate(images, prompt, num_beams=1, max_length=8)
+    assert answer == pipe.generate(images, prompt, num_beams=1, max_new_tokens=8)
     assert len(gallery) == 3  # one weight map per image, in upload order
 
 

@@ -16,7 +16,7 @@ def test_defaults_match_the_paper():
     assert (t.lr, t.betas, t.weight_decay, t.warmup_steps, t.global_batch_size) == (2e-5, [0.9, 0.999], 0.05, 240, 20)
     assert not t.hflip
     g = cfg.generation
-    assert (g.num_beams, g.max_length, g.min_length, g.repetition_penalty, g.length_penalty) == (5, 256, 1, 1.5, 1.0)
+    assert (g.num_beams, g.max_new_tokens, g.min_new_tokens, g.repetition_penalty, g.length_penalty) == (5, 255, 0, 1.5, 1.0)
 
 
 def test_paper_eval_configs_score_against_the_paper_reference():

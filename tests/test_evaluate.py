@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _overrides(data: Path, out: Path, extra: list[str] = ()) -> list[str]:
     return ["model.dims=tiny", f"data_root={data.parent}", f"output_dir={out}", "eval.batch_size=3",
             f"eval.datasets=[{{name: tiny, task: group_captioning, path: {data.name}}}]",
-            "generation.max_length=6", "generation.num_beams=2", *extra]
+            "generation.max_new_tokens=6", "generation.num_beams=2", *extra]
 
 
 def _cli(module: str, args: list[str], **kw) -> subprocess.CompletedProcess:
@@ -66,8 +66,8 @@ def test_interrupted_run_resumes_to_identical_results(tmp_path):
 def test_sigkill_half_way_then_rerun(tmp_path):
     data = tmp_path / "tiny"
     write_dataset(data, n=24)
-    over = _overrides(data, tmp_path / "killed", ["eval.batch_size=1", "generation.max_length=24",
-                                                   "generation.min_length=24"])
+    over = _overrides(data, tmp_path / "killed", ["eval.batch_size=1", "generation.max_new_tokens=24",
+                                                   "generation.min_new_tokens=24"])
     proc = subprocess.Popen([sys.executable, "-m", "sam_mllm.evaluate", *over], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     preds = tmp_path / "killed" / "tiny" / "predictions.jsonl"
@@ -82,7 +82,7 @@ def test_sigkill_half_way_then_rerun(tmp_path):
     assert proc.returncode == -signal.SIGKILL and 6 <= killed_at < 24
     assert _cli("sam_mllm.evaluate", over).returncode == 0
     assert _cli("sam_mllm.evaluate", _overrides(data, tmp_path / "clean", ["eval.batch_size=1",
-                "generation.max_length=24", "generation.min_length=24"])).returncode == 0
+                "generation.max_new_tokens=24", "generation.min_new_tokens=24"])).returncode == 0
     assert preds.read_text() == (tmp_path / "clean" / "tiny" / "predictions.jsonl").read_text()
     assert (json.loads((tmp_path / "killed" / "tiny" / "metrics.json").read_text())
             == json.loads((tmp_path / "clean" / "tiny" / "metrics.json").read_text()))
@@ -129,7 +129,7 @@ def test_bad_samples_fail_clearly_or_are_skipped(tmp_path, problem):
 def test_notebook_api(tmp_path):
     import sam_mllm
 
-    pipe = sam_mllm.load_model(overrides=["model.dims=tiny", "generation.max_length=5", "generation.num_beams=1"])
+    pipe = sam_mllm.load_model(overrides=["model.dims=tiny", "generation.max_new_tokens=5", "generation.num_beams=1"])
     images = [Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (32, 32), (10, 10, 200))]
     text = pipe.generate(images=images, prompt="what is the shared object ?")
     assert isinstance(text, str)

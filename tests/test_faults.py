@@ -203,7 +203,7 @@ def _nan_grad(weight: torch.Tensor) -> torch.Tensor:
 def _eval_overrides(data: Path, out: Path, extra: list[str] = ()) -> list[str]:
     return ["model.dims=tiny", f"data_root={data.parent}", f"output_dir={out}", "eval.batch_size=4",
             f"eval.datasets=[{{name: tiny, task: group_captioning, path: {data.name}}}]",
-            "generation.max_length=5", "generation.num_beams=1", *extra]
+            "generation.max_new_tokens=5", "generation.num_beams=1", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -398,7 +398,7 @@ def test_notebook_api_loads_phone_photos_upright(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ImageTransform, "__call__", call)
     path = tmp_path / _odd_images(tmp_path)["rotated"]
-    pipe = sam_mllm.load_model(overrides=["model.dims=tiny", "generation.max_length=2", "generation.num_beams=1"])
+    pipe = sam_mllm.load_model(overrides=["model.dims=tiny", "generation.max_new_tokens=2", "generation.num_beams=1"])
     pipe.generate(images=[path], prompt="what is in the image ?")
     from PIL import Image
 

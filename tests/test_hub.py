@@ -20,7 +20,7 @@ from sam_mllm.models import checkpoint as ckpt_module
 from sam_mllm.models.checkpoint import save_trainable
 
 REPO = Path(__file__).resolve().parents[1]
-GEN = dict(num_beams=1, max_length=8)
+GEN = dict(num_beams=1, max_new_tokens=8)
 
 
 @pytest.fixture(scope="module")

@@ -141,9 +141,9 @@ def test_generate_batched_equals_alone(tiny_backbone, tokenizers):
     model = make_model(tiny_backbone, tokenizers)
     _randomise_guidance(model)
     batch = make_batch(tokenizers, [2, 1, 3], seed=5)
-    together = model.generate(batch, max_length=6, num_beams=2)
+    together = model.generate(batch, max_new_tokens=6, num_beams=2)
     assert len(together) == 3 and all(isinstance(t, str) for t in together)
-    assert together == [model.generate(select(batch, i), max_length=6, num_beams=2)[0] for i in range(3)]
+    assert together == [model.generate(select(batch, i), max_new_tokens=6, num_beams=2)[0] for i in range(3)]
 
 
 def test_only_trainable_parameters_get_gradients_and_frozen_stay_eval(tiny_backbone, tokenizers):

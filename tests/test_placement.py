@@ -44,7 +44,9 @@ def _items(specs, seed=0):
 
 def _processors(tokenizers):
     llm, qf = tokenizers
-    return Processor(qf, llm, 32, image_placement="prefix"), Processor(qf, llm, 32, image_placement="markers")
+    # llm_bos="<s>": the word tokenizer's own BOS, which the markers layout keeps from its template.
+    return (Processor(qf, llm, 32, image_placement="prefix", llm_bos="<s>"),
+            Processor(qf, llm, 32, image_placement="markers", llm_bos="<s>"))
 
 
 def test_layouts_explicitly(tiny_backbone, tokenizers):
@@ -126,12 +128,12 @@ def test_batch_with_different_marker_positions_equals_samples_alone(tiny_backbon
                     (1, "what is the shared object ? {image#1}", "a green square is in the image .")])
     batch = markers.collate(items, with_answers=True)
     logits = model(batch).logits
-    texts = model.generate(batch, num_beams=2, max_length=4)
+    texts = model.generate(batch, num_beams=2, max_new_tokens=4)
     for i, it in enumerate(items):
         alone = markers.collate([it], with_answers=True)
         ref = model(alone).logits[0]
         assert torch.allclose(logits[i, -len(ref):], ref, atol=1e-5), i
-        assert model.generate(alone, num_beams=2, max_length=4) == [texts[i]]
+        assert model.generate(alone, num_beams=2, max_new_tokens=4) == [texts[i]]
 
 
 def test_markers_in_the_notebook_api_and_config(tiny_backbone, tokenizers, tmp_path):
@@ -142,7 +144,7 @@ def test_markers_in_the_notebook_api_and_config(tiny_backbone, tokenizers, tmp_p
 
     with pytest.raises(ConfigError, match="image_placement"):
         load_config(None, ["model.image_placement=inline"])
-    cfg = load_config(None, ["model.dims=tiny", "model.image_placement=markers", "generation.max_length=4",
+    cfg = load_config(None, ["model.dims=tiny", "model.image_placement=markers", "generation.max_new_tokens=4",
                              "generation.num_beams=1"])
     pipe = Pipeline(build_model(cfg.model), cfg)
     assert pipe.processor.image_placement == "markers"
@@ -162,7 +164,7 @@ def test_markers_in_training_and_evaluation(tmp_path):
     over = ["model.dims=tiny", "model.image_placement=markers", f"data_root={tmp_path}",
             f"output_dir={tmp_path / 'run'}", "train.datasets=[{name: tiny, task: group_captioning, path: tiny}]",
             "train.max_steps=2", "train.global_batch_size=2", "train.micro_batch_size=2", "train.warmup_steps=1",
-            "eval.datasets=[{name: tiny, task: group_captioning, path: tiny}]", "generation.max_length=3",
+            "eval.datasets=[{name: tiny, task: group_captioning, path: tiny}]", "generation.max_new_tokens=3",
             "generation.num_beams=1"]
     for s in samples:
         s["instruction"] = "".join(f"{{image#{k + 1}}}" for k in range(len(s["img_list"]))) + s["instruction"]

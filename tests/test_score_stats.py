@@ -24,7 +24,7 @@ from sam_mllm.score import main as score_main
 def _eval_overrides(data: Path, out: Path) -> list[str]:
     return ["model.dims=tiny", f"data_root={data.parent}", f"output_dir={out}", "eval.batch_size=4",
             f"eval.datasets=[{{name: tiny, task: group_captioning, path: {data.name}}}]",
-            "generation.max_length=4", "generation.num_beams=1"]
+            "generation.max_new_tokens=4", "generation.num_beams=1"]
 
 
 def test_scoring_a_released_pred_json_equals_scoring_by_evaluate(tmp_path):

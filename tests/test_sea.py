@@ -247,7 +247,7 @@ def test_mlp_variant_one_token_per_patch(tiny_backbone, tokenizers):
         out = model(batch)
         assert out.perception.visual_tokens.shape == (2, 2, 16, model.config.text_config.hidden_size)
         assert out.perception.visual_tokens[1, 1].abs().sum() == 0  # padded slot
-        assert isinstance(model.generate(batch, max_length=3, num_beams=1), list)
+        assert isinstance(model.generate(batch, max_new_tokens=3, num_beams=1), list)
     assert model.trainable == ["mlp_projector"]
     with pytest.raises(ValueError, match="guidance must be 'none'"):
         make_model(tiny_backbone, tokenizers, guidance="w_former", perceiver="mlp")
@@ -398,7 +398,7 @@ def test_recalled_words_reach_predictions_and_report(tmp_path, world):
     from sam_mllm.evaluate import evaluate
 
     cfg = load_config(None, ["model.dims=tiny", "model.name=llava_mlp", f"data_root={world.parent}",
-                             f"output_dir={tmp_path}", "eval.recalled_words=true", "generation.max_length=2",
+                             f"output_dir={tmp_path}", "eval.recalled_words=true", "generation.max_new_tokens=2",
                              "generation.num_beams=1", "model.max_images=2",
                              f"eval.datasets=[{{name: w, task: group_captioning, path: {world.name}}}]"])
     evaluate(cfg, out_dir=tmp_path)

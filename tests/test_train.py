@@ -133,7 +133,7 @@ def test_trained_checkpoint_loads_in_evaluate_and_notebook(data, tmp_path):
     final = train(load_config(None, _overrides(data, tmp_path / "run", ["train.max_steps=2"])))
     import sam_mllm
 
-    pipe = sam_mllm.load_model(checkpoint=final, overrides=["generation.max_length=4", "generation.num_beams=1"])
+    pipe = sam_mllm.load_model(checkpoint=final, overrides=["generation.max_new_tokens=4", "generation.num_beams=1"])
     assert torch.equal(pipe.model.w_in.weight, load_file(str(final / "adapter.safetensors"))["w_in.weight"])
     from PIL import Image
 
@@ -142,7 +142,7 @@ def test_trained_checkpoint_loads_in_evaluate_and_notebook(data, tmp_path):
     ev = subprocess.run([sys.executable, "-m", "sam_mllm.evaluate", "--config", str(final / "config.yaml"),
                          f"model.checkpoint={final}", f"output_dir={tmp_path / 'ev'}",
                          f"eval.datasets=[{{name: tiny, task: group_captioning, path: {data.name}}}]",
-                         "generation.max_length=4", "generation.num_beams=1"],
+                         "generation.max_new_tokens=4", "generation.num_beams=1"],
                         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert ev.returncode == 0, ev.stderr[-2000:]
     assert (tmp_path / "ev" / "tiny" / "metrics.json").is_file()

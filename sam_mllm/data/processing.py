@@ -19,9 +19,14 @@ from PIL import Image
 from torch import Tensor
 
 from sam_mllm.data.images import ImageLoadError, load_image  # noqa: F401 (the one loader, re-exported)
+from sam_mllm.errors import UserError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class PromptTooLongError(UserError, ValueError):
+    """An evaluation prompt that does not fit the LLM's context; names the sample."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,9 @@ class Processor:
 
     def __init__(self, qformer_tokenizer, llm_tokenizer, image_size: int, max_prompt_tokens: int = 128,
                  max_answer_tokens: int = 256, max_qformer_tokens: int = 128,
-                 image_placement: str = "prefix") -> None:
+                 image_placement: str = "prefix", llm_bos: str | None = "</s>",
+                 llm_context: int | None = None, visual_tokens_per_image: int = 0,
+                 truncate_eval_prompts: bool = False) -> None:
         from sam_mllm.data.placement import PLACEMENTS
 
         if image_placement not in PLACEMENTS:
@@ -101,33 +108,75 @@ class Processor:
         self.max_prompt_tokens = max_prompt_tokens
         self.max_answer_tokens = max_answer_tokens
         self.max_qformer_tokens = max_qformer_tokens
+        # LAVIS builds its Q-Former tokenizer with truncation_side="left"; tokenizer files may say
+        # otherwise (the embedded backbone's cut from the right), so it is set here, not inherited.
+        qformer_tokenizer.truncation_side = "left"
+        self.llm_bos_id = resolve_bos(llm_tokenizer, llm_bos)
+        self.llm_context = llm_context
+        self.visual_tokens_per_image = visual_tokens_per_image
+        self.truncate_eval_prompts = truncate_eval_prompts
 
     @classmethod
     def for_model(cls, model, cfg=None) -> Processor:
-        """``cfg``: a ModelConfig for the token budgets (LAVIS's 128 / 256 / 128 otherwise)."""
+        """``cfg``: a ModelConfig for the token budgets and the BOS (LAVIS's 128 / 256 / 128 and the
+        released ``</s>`` otherwise)."""
         if model.llm_tokenizer is None or model.qformer_tokenizer is None:
             raise ValueError("the model has no tokenizers (was it built on the meta device?)")
-        budgets = {} if cfg is None else dict(
+        options = {} if cfg is None else dict(
             max_prompt_tokens=cfg.max_prompt_tokens, max_answer_tokens=cfg.max_answer_tokens,
-            max_qformer_tokens=cfg.max_qformer_tokens, image_placement=cfg.image_placement)
-        return cls(model.qformer_tokenizer, model.llm_tokenizer, model.config.vision_config.image_size, **budgets)
+            max_qformer_tokens=cfg.max_qformer_tokens, image_placement=cfg.image_placement,
+            llm_bos=cfg.llm_bos, truncate_eval_prompts=cfg.truncate_eval_prompts)
+        vision = model.config.vision_config
+        per_image = ((vision.image_size // vision.patch_size) ** 2 if getattr(model, "perceiver", "qformer") == "mlp"
+                     else model.num_query_tokens)
+        return cls(model.qformer_tokenizer, model.llm_tokenizer, vision.image_size,
+                   llm_context=getattr(model.config.text_config, "max_position_embeddings", None),
+                   visual_tokens_per_image=per_image, **options)
 
     def transform(self, train: bool = False, crop_scale: Sequence[float] = (0.5, 1.0),
                   hflip: bool = False) -> ImageTransform:
         return ImageTransform(self.image_size, train, (float(crop_scale[0]), float(crop_scale[1])), hflip)
 
-    def tokenize_prompt(self, instruction: str) -> list[int]:
-        ids = self.llm_tokenizer(instruction).input_ids
-        if len(ids) > self.max_prompt_tokens:
-            # LAVIS truncates prompts from the left (the question is at the end); BOS stays first.
+    def tokenize_prompt(self, instruction: str, truncate: bool = True) -> list[int]:
+        """LLM prompt ids: the configured BOS, then the instruction; ``truncate`` cuts the instruction
+        from the left (as LAVIS's training did: the question is at the end) so that BOS + instruction
+        fit ``max_prompt_tokens``. The BOS is never cut."""
+        if self.llm_bos_id is None:  # llm_bos: null -- the tokenizer's own template, as it is
+            ids = self.llm_tokenizer(instruction).input_ids
             bos = self.llm_tokenizer.bos_token_id
-            head = ids[:1] if bos is not None and ids[0] == bos else []
-            ids = head + ids[len(ids) - (self.max_prompt_tokens - len(head)):]
-        return ids
+            head = ids[:1] if ids and bos is not None and ids[0] == bos else []
+            body = ids[len(head):]
+        else:
+            head = [self.llm_bos_id]
+            body = self.llm_tokenizer(instruction, add_special_tokens=False).input_ids
+        if truncate and len(head) + len(body) > self.max_prompt_tokens:
+            body = body[len(body) - (self.max_prompt_tokens - len(head)):]
+        return head + body
+
+    def is_truncated(self, instruction: str) -> bool:
+        """Whether a training prompt is cut (its LLM tokens exceed ``max_prompt_tokens``)."""
+        return len(self.tokenize_prompt(instruction, truncate=False)) > self.max_prompt_tokens
 
     def tokenize_answer(self, answer: str) -> list[int]:
-        ids = self.llm_tokenizer(answer, add_special_tokens=False).input_ids
+        # The released tokenizer saw ``answer + "</s>"`` and stripped the whitespace before the
+        # special token, so a trailing space or newline adds no token before EOS.
+        ids = self.llm_tokenizer(answer.rstrip(), add_special_tokens=False).input_ids
         return ids[: self.max_answer_tokens - 1] + [self.llm_tokenizer.eos_token_id]
+
+    def _eval_prompt(self, item: dict, num_images: int) -> list[int]:
+        """Evaluation prompts are not truncated (the released ``generate`` passed the whole prompt),
+        unless ``truncate_eval_prompts``; one that cannot fit the LLM's context is an error."""
+        if self.truncate_eval_prompts:
+            return self.tokenize_prompt(item["instruction"])
+        ids = self.tokenize_prompt(item["instruction"], truncate=False)
+        visual = num_images * self.visual_tokens_per_image
+        if self.llm_context is not None and visual + len(ids) > self.llm_context:
+            raise PromptTooLongError(
+                f"sample id {item.get('id')!r}: its prompt is {len(ids)} LLM tokens, which with {visual} visual "
+                f"tokens exceeds the LLM's context of {self.llm_context}; shorten it, or set "
+                f"model.truncate_eval_prompts=true to cut it from the left to {self.max_prompt_tokens} tokens "
+                "as training does")
+        return ids
 
     def collate(self, items: Sequence[dict], with_answers: bool) -> dict:
         """Items with ``images`` ([n, 3, S, S]) or ``image_embeds`` ([n, P, Dv]), ``instruction``,
@@ -157,7 +206,8 @@ class Processor:
                                                     self.max_prompt_tokens)
                 slot_rows.append(slots)
             else:
-                prompt = self.tokenize_prompt(it["instruction"])
+                prompt = (self.tokenize_prompt(it["instruction"]) if with_answers
+                          else self._eval_prompt(it, len(it[key])))
             answer = self.tokenize_answer(it["output"]) if with_answers else []
             rows.append(prompt + answer)
             label_rows.append([-100] * len(prompt) + answer)
@@ -186,6 +236,18 @@ class Processor:
         if with_answers:
             batch["labels"] = labels
         return batch
+
+
+def resolve_bos(tokenizer, token: str | None) -> int | None:
+    """The id of the configured LLM BOS token, checked against the tokenizer; None for ``null``."""
+    if token is None:
+        return None
+    ids = tokenizer.convert_tokens_to_ids([token])
+    known = token in tokenizer.get_vocab() or token in tokenizer.all_special_tokens
+    if not ids or ids[0] is None or not known:
+        raise ValueError(f"model.llm_bos={token!r} is not a token of the LLM tokenizer "
+                         f"(its BOS is {tokenizer.bos_token!r}, its EOS {tokenizer.eos_token!r})")
+    return int(ids[0])
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:

@@ -46,7 +46,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def build_backbone(cfg: ModelConfig, device: torch.device | str | None = None):
     """(backbone, Q-Former tokenizer, LLM tokenizer) as ``cfg`` asks: dims or pretrained weights."""
-    dtype = _DTYPES[cfg.dtype]
+    dtype = _DTYPES.get(cfg.dtype, torch.float32)  # "paper" loads fp32, then casts (build_model)
     if cfg.dims is None:
         model, qf_tok, llm_tok = load_pretrained(cfg.backbone, dtype, cfg.attn_implementation)
         return model, qf_tok, llm_tok
@@ -92,6 +92,11 @@ def _build_variant(variant: str, cfg: ModelConfig, device: torch.device | str | 
         load_lavis_checkpoint(model, cfg.lavis_checkpoint)
     if cfg.checkpoint:
         load_trainable(model, cfg.checkpoint)
+    if cfg.dtype == "paper":
+        if torch.cuda.is_available() and torch.device(device or "cpu").type != "meta":
+            model.use_paper_precision()
+        else:
+            print("model.dtype=paper needs a GPU (fp16 under autocast); running in float32 here")
     return model.eval()
 
 

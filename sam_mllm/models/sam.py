@@ -33,10 +33,13 @@ CONTEXT = ("all", "others")
 # qformer: InstructBLIP's Q-Former (num_query tokens per image); mlp: a LLaVA-1.5-style GELU MLP on
 # every ViT patch (one token per patch; the setting in which SEA was published).
 PERCEIVER = ("qformer", "mlp")
-# Generation settings of the released code (docs/DESIGN.md §1); ``max_length``/``min_length`` count the
-# generated tokens only, as LAVIS's did when it generated from embeddings.
+# Generation settings of the released code (docs/DESIGN.md §1). Its generate(max_length=256,
+# min_length=1) from embeddings started, under its transformers 4.33, from one dummy BOS that both
+# limits counted: at most 255 new tokens, and no minimum (an empty answer is possible). See
+# docs/REPRODUCING.md.
 RELEASED_GENERATION = dict(
-    num_beams=5, max_length=256, min_length=1, repetition_penalty=1.5, length_penalty=1.0, do_sample=False
+    num_beams=5, max_new_tokens=255, min_new_tokens=0, repetition_penalty=1.5, length_penalty=1.0,
+    do_sample=False,
 )
 
 
@@ -138,6 +141,7 @@ class SAMModel(nn.Module):
             nn.init.zeros_(self.patch_weight.bias)
 
         self.gradient_checkpointing = False
+        self.precision = "default"  # or "paper": see use_paper_precision
         self.trainable = list(trainable) if trainable is not None else self.default_trainable()
         self.set_trainable(self.trainable)
         if gradient_checkpointing:
@@ -222,8 +226,10 @@ class SAMModel(nn.Module):
         b, n = image_mask.shape
         flat = pixel_values[image_mask]  # [M, 3, H, W]
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_model.parameters())
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), self._autocast("vision"):
             feats = self.vision_model(pixel_values=flat).last_hidden_state
+        if self.precision == "paper":
+            feats = feats.float()  # the released ln_vision ran under autocast, whose layer_norm gives fp32
         return _scatter_images(feats, image_mask, b, n)
 
     def merge_context(self, image_embeds: Tensor, image_mask: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -379,7 +385,9 @@ class SAMModel(nn.Module):
         nq = visual_tokens.shape[2]
         vis = visual_tokens.flatten(1, 2)
         text = self.language_model.get_input_embeddings()(input_ids)
-        embeds = torch.cat([vis.to(text.dtype), text], dim=1)
+        # Paper precision: the released code concatenated fp32 visual tokens with fp16 text embeddings
+        # under autocast, which promotes the whole prompt to fp32.
+        embeds = torch.cat([vis if self.precision == "paper" else vis.to(text.dtype), text], dim=1)
         keep = torch.cat([image_mask.bool().repeat_interleave(nq, dim=1), attention_mask.bool()], dim=1)
         order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)  # padding first, order kept
         embeds = embeds.gather(1, order[..., None].expand(-1, -1, embeds.shape[-1]))
@@ -398,7 +406,8 @@ class SAMModel(nn.Module):
             embeds = self.encode_images(batch["pixel_values"], image_mask)
         if image_mask.shape[1] > self.max_images:
             raise ValueError(f"batch has {image_mask.shape[1]} image slots; model.max_images is {self.max_images}")
-        perception = self.perceive(embeds, image_mask, batch["qformer_input_ids"], batch["qformer_attention_mask"])
+        with self._autocast("perception"):
+            perception = self.perceive(embeds, image_mask, batch["qformer_input_ids"], batch["qformer_attention_mask"])
         perception.image_embeds = embeds
         return perception
 
@@ -410,8 +419,10 @@ class SAMModel(nn.Module):
                 perception.visual_tokens, batch["image_mask"], batch["input_ids"], batch["attention_mask"],
                 batch["labels"], image_slots=batch.get("image_slots"),
             )
-            out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
-                                      **completer_kwargs(self, batch, perception.image_embeds, labels, embeds.shape[1]))
+            with self._autocast("llm"):
+                out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                          **completer_kwargs(self, batch, perception.image_embeds, labels,
+                                                             embeds.shape[1]))
         logits = out.logits
         target = labels[:, 1:]
         n_tokens = int((target != -100).sum())
@@ -425,9 +436,10 @@ class SAMModel(nn.Module):
     @torch.no_grad()
     def generate(self, batch: dict, return_ids: bool = False, **kwargs) -> list[str] | Tensor:
         """Answers as strings; defaults are the released code's generation settings."""
+        for old, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+            if old in kwargs:  # transformers would count them differently; one name, one meaning
+                raise ValueError(f"generate(): use {new} (generated tokens), not {old}")
         settings = {**RELEASED_GENERATION, **kwargs}
-        settings["max_new_tokens"] = settings.pop("max_length")
-        settings["min_new_tokens"] = settings.pop("min_length")
         penalty = float(settings.pop("repetition_penalty"))
         if penalty != 1.0:
             # Our own processor: transformers derives a per-row "prompt length" from the left padding
@@ -445,7 +457,7 @@ class SAMModel(nn.Module):
                 perception.visual_tokens, batch["image_mask"], batch["input_ids"], batch["attention_mask"],
                 image_slots=batch.get("image_slots"),
             )
-            with vpgc_generating(self, batch, perception.image_embeds, embeds.shape[1]):
+            with vpgc_generating(self, batch, perception.image_embeds, embeds.shape[1]), self._autocast("llm"):
                 ids = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **settings)
         if return_ids:
             return ids
@@ -453,9 +465,27 @@ class SAMModel(nn.Module):
             raise ValueError("this model has no LLM tokenizer; call generate(..., return_ids=True)")
         return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
+    def use_paper_precision(self) -> SAMModel:
+        """The released evaluation's precision: ViT (its Linear and Conv layers, as LAVIS's
+        ``convert_weights_to_fp16``) and the whole LLM in fp16; Q-Former, query tokens, language
+        projection and SAM's own layers stay fp32. ``_autocast`` then runs the ViT and the LLM under
+        fp16 autocast and the rest outside it, as the released ``generate`` did. GPU only."""
+        for module in self.vision_model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                module.half()
+        self.language_model.half()
+        self.precision = "paper"
+        return self
+
+    def _autocast(self, stage: str = "all") -> contextlib.AbstractContextManager:
+        """Autocast for one stage: all (the whole call) | vision | perception | llm."""
+        if self.precision == "paper":
+            if stage == "all":
+                return contextlib.nullcontext()
+            return torch.autocast(self.device.type, dtype=torch.float16, enabled=stage in ("vision", "llm"))
         # A bf16 backbone with float32 trainable layers needs autocast to mix them.
-        if self.language_model.dtype == torch.bfloat16 and not torch.is_autocast_enabled(self.device.type):
+        if (stage == "all" and self.language_model.dtype == torch.bfloat16
+                and not torch.is_autocast_enabled(self.device.type)):
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
