@@ -94,8 +94,8 @@ def test_untrained_vpgc_is_instructblip_bit_for_bit(tiny_backbone, tokenizers):
     batch = make_batch(tokenizers, [2, 3, 1])
     assert torch.equal(base(batch).logits, vpgc(batch).logits)
     gen = {k: v for k, v in batch.items() if k != "labels"}
-    assert torch.equal(base.generate(gen, return_ids=True, max_length=4, num_beams=2),
-                       vpgc.generate(gen, return_ids=True, max_length=4, num_beams=2))
+    assert torch.equal(base.generate(gen, return_ids=True, max_new_tokens=4, num_beams=2),
+                       vpgc.generate(gen, return_ids=True, max_new_tokens=4, num_beams=2))
 
 
 def test_vpgc_trains_only_its_groups_and_acts_at_the_visual_tokens(tiny_backbone, tokenizers):
@@ -123,13 +123,13 @@ def test_vpgc_trains_only_its_groups_and_acts_at_the_visual_tokens(tiny_backbone
     assert (pos[0, 2] == -1).all()
     # A batch (with beams in generation) computes what each sample computes alone.
     gen = {k: v for k, v in batch.items() if k != "labels"}
-    together = vpgc.generate(gen, return_ids=True, max_length=3, num_beams=2)
+    together = vpgc.generate(gen, return_ids=True, max_new_tokens=3, num_beams=2)
     logits = vpgc(batch).logits
     for i in range(2):
         alone = select(batch, i)
         ref = vpgc(alone).logits[0]
         assert torch.allclose(logits[i, -len(ref):], ref, atol=1e-5)
-        ids = vpgc.generate({k: v for k, v in alone.items() if k != "labels"}, return_ids=True, max_length=3,
+        ids = vpgc.generate({k: v for k, v in alone.items() if k != "labels"}, return_ids=True, max_new_tokens=3,
                             num_beams=2)
         assert torch.equal(together[i, -ids.shape[1]:], ids[0])
 
