@@ -61,7 +61,7 @@ def main() -> None:
                  sizes={"instruct": {"train": 0, "val": 0, "test": DEFAULT_SIZES["instruct"]["test"]}})
     cfg = load_config("demo/zeroshot", [f"model.backbone={args.backbone}", f"data_root={args.data}",
                                         "generation.num_beams=1", "generation.repetition_penalty=1.0",
-                                        "generation.max_length=48", "eval.html_report=false", *args.overrides])
+                                        "generation.max_new_tokens=48", "eval.html_report=false", *args.overrides])
     cfg.eval.metrics = METRICS
     cfg.eval.datasets = [DatasetConfig(name=name, task="group_captioning", path="instruct/test", annotations=file)
                          for name, file in SETS.items()]
