@@ -24,6 +24,17 @@ class ConfigError(UserError, ValueError):
 
 
 @dataclass
+class MMFSConfig:
+    # MM-Interleaved's feature synchronizer (variants mmfs, sam_mmfs; sam_mllm/models/mmfs.py).
+    every: int = 4  # in LLM layers 0, every, 2*every, ... (official cross_attention_frequency)
+    heads: int = 16
+    points: int = 8
+    levels: str = "single"  # single (the ViT's patch grid) | pyramid (parameter-free 2x up, grid, 2x pool)
+    offset_init: float = 3.0  # initial sampling offsets ~ U(-x, x) cells of the patch grid
+    max_images: int = 50  # rows of the image-position embedding (images seen by a token must be fewer)
+
+
+@dataclass
 class ModelConfig:
     # Registry name of the variant: instructblip | sam | sam_bsg_mean | sam_linear | llava_mlp.
     name: str = "sam"
@@ -71,6 +82,7 @@ class ModelConfig:
     # Evaluation prompts are passed whole, as the released generate() did; true = cut them from
     # the left to max_prompt_tokens as training does (instead of failing when one exceeds the context).
     truncate_eval_prompts: bool = False
+    mmfs: MMFSConfig = field(default_factory=MMFSConfig)
 
 
 @dataclass
@@ -131,6 +143,13 @@ class EvalConfig:
 
 
 @dataclass
+class ParamGroupConfig:
+    match: str = ""  # fnmatch glob over parameter names (model.named_parameters())
+    lr_scale: float = 1.0  # times the scheduled learning rate
+    weight_decay: float | None = None  # null: train.weight_decay (0 for biases and 1-D parameters)
+
+
+@dataclass
 class TrainConfig:
     datasets: list[DatasetConfig] = field(default_factory=list)
     val_datasets: list[DatasetConfig] = field(default_factory=list)  # evaluated every eval_every steps
@@ -156,6 +175,9 @@ class TrainConfig:
     # log.jsonl and curves.png are written either way.
     log_with: list[str] = field(default_factory=list)
     resume: str | None = None  # null | latest | path to a checkpoint folder
+    # Optimizer groups by parameter-name glob, first match wins, e.g. MM-Interleaved's
+    # [{match: "*.sampling_offsets.*", lr_scale: 0.1, weight_decay: 0.0}, {match: "*.gate", weight_decay: 0.0}].
+    param_groups: list[ParamGroupConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -260,6 +282,7 @@ def _explain(exc: OmegaConfBaseException) -> str:
 
 _CHOICES = {
     "model.context": ("all", "others"),
+    "model.mmfs.levels": ("single", "pyramid"),
     "model.dtype": ("float32", "bfloat16", "paper"),
     "model.attn_implementation": ("sdpa", "eager"),
     "model.image_placement": ("prefix", "markers"),
@@ -275,8 +298,11 @@ _CHOICES = {
 
 def _validate(cfg: Config, source: str) -> None:
     for dotted, allowed in _CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
+        *path, key = dotted.split(".")
+        node = cfg
+        for part in path:
+            node = getattr(node, part)
+        value = getattr(node, key)
         if value not in allowed:
             raise ConfigError(f"{source}: key '{dotted}': {value!r} is not one of {', '.join(allowed)}")
     if cfg.train.global_batch_size % cfg.train.micro_batch_size:

@@ -16,6 +16,7 @@ if __name__ == "__main__":  # --help and config questions answer here, before to
     cli.answer_early("sam_mllm.train", __doc__)
 
 import copy
+import fnmatch
 import json
 import math
 import os
@@ -203,13 +204,31 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 def make_optimizer(model: SAMModel, cfg: Config) -> torch.optim.Optimizer:
-    # As in LAVIS: no weight decay on biases and 1-D parameters.
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    # As in LAVIS: no weight decay on biases and 1-D parameters, unless a train.param_groups rule
+    # (first matching glob) sets it; its lr_scale multiplies the schedule (see the training loop).
+    t = cfg.train
+    groups: dict[tuple, dict] = {  # the two default groups first, as before the rules existed
+        ("decay",): {"params": [], "weight_decay": t.weight_decay, "lr_scale": 1.0},
+        ("no_decay",): {"params": [], "weight_decay": 0.0, "lr_scale": 1.0},
+    }
+    matched = [0] * len(t.param_groups)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.ndim >= 2
+        key, group = ("decay",) if decay else ("no_decay",), None
+        for i, rule in enumerate(t.param_groups):
+            if fnmatch.fnmatchcase(name, rule.match):
+                matched[i] += 1
+                wd = rule.weight_decay if rule.weight_decay is not None else (t.weight_decay if decay else 0.0)
+                key, group = (i, wd), {"params": [], "weight_decay": wd, "lr_scale": rule.lr_scale}
+                break
+        groups.setdefault(key, group)["params"].append(p)
+    unused = [r.match for r, k in zip(t.param_groups, matched) if not k]
+    if unused:
+        raise ValueError(f"train.param_groups: {unused} match no trainable parameter")
+    params = list(groups.values())
+    return torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
 
 
 # ------------------------------------------------------------------------------------- checkpoints
@@ -351,7 +370,7 @@ def train(cfg: Config) -> Path:
     try:
         for step in range(start, t.max_steps):
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
+                group["lr"] = lr_at(step, cfg) * group.get("lr_scale", 1.0)
             step_loss = torch.zeros((), device=accelerator.device)
             step_parts = torch.zeros(4, device=accelerator.device)  # SEA: loss_ce, loss_sea, pairs, accuracy
             for _ in range(micro):

@@ -8,6 +8,8 @@
 | sam            | SAM                      | W-former  | adaptive        |
 | llava_mlp      | (SEA's setting, no SAM)  | none; a GELU MLP per patch instead of the Q-Former |
 | vpgc           | +VPG-C                   | none; Cheetah's re-read of the images at a middle LLM layer (models/vpgc.py) |
+| mmfs           | - (MM-Interleaved's MMFS)| none + MMFS in the LLM | -  |
+| sam_mmfs       | - (SAM + MMFS)           | W-former + MMFS in the LLM | adaptive |
 
 +MMICL is ``instructblip`` with ``trainable`` patterns (configs/train/ablation_mmicl.yaml).
 
@@ -16,6 +18,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import torch
@@ -32,13 +35,15 @@ from sam_mllm.models.checkpoint import load_lavis_checkpoint, load_trainable, sa
 from sam_mllm.models.sam import Perception, SAMModel, SAMOutput
 from sam_mllm.registry import register
 
-VARIANTS: dict[str, dict[str, str]] = {
+VARIANTS: dict[str, dict[str, str | bool]] = {
     "instructblip": dict(guidance="none"),
     "sam": dict(guidance="w_former", patch_weighting="adaptive"),
     "sam_bsg_mean": dict(guidance="w_former", patch_weighting="mean"),
     "sam_linear": dict(guidance="linear", patch_weighting="adaptive"),
     "llava_mlp": dict(guidance="none", perceiver="mlp"),
     "vpgc": dict(guidance="none", vpgc=True),
+    "mmfs": dict(guidance="none", mmfs=True),
+    "sam_mmfs": dict(guidance="w_former", patch_weighting="adaptive", mmfs=True),
 }
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -76,7 +81,9 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> S
 
 def _build_variant(variant: str, cfg: ModelConfig, device: torch.device | str | None = None) -> SAMModel:
     backbone, qf_tok, llm_tok = build_backbone(cfg, device)
-    options = VARIANTS[variant]
+    options = dict(VARIANTS[variant])
+    if options.pop("mmfs", False):
+        options["mmfs"] = dataclasses.asdict(cfg.mmfs)
     with torch.device(device or backbone.language_projection.weight.device):
         model = SAMModel(
             backbone, qf_tok, llm_tok, **options, context=cfg.context,

@@ -81,6 +81,7 @@ class SAMModel(nn.Module):
         perceiver: str = "qformer",
         vpgc: bool = False,
         vpgc_layer: int | None = None,
+        mmfs: dict | None = None,
     ) -> None:
         super().__init__()
         _check_choice("guidance", guidance, GUIDANCE)
@@ -140,6 +141,18 @@ class SAMModel(nn.Module):
             nn.init.normal_(self.patch_weight.weight, std=0.02)
             nn.init.zeros_(self.patch_weight.bias)
 
+        if mmfs is not None:
+            # MM-Interleaved's feature synchronizer in every ``every``-th LLM layer (models/mmfs.py).
+            from sam_mllm.models.mmfs import FeatureSynchronizer
+
+            opts = dict(mmfs)
+            self.mmfs_levels = opts.pop("levels", "single")
+            with torch.device(device):
+                self.mmfs = FeatureSynchronizer(
+                    self.language_model.get_decoder().layers, dv, eps=self.config.text_config.rms_norm_eps,
+                    levels=3 if self.mmfs_levels == "pyramid" else 1, base_spatial_shape=self._vision_grid(), **opts,
+                ).to(dtype)
+
         self.gradient_checkpointing = False
         self.precision = "default"  # or "paper": see use_paper_precision
         self.trainable = list(trainable) if trainable is not None else self.default_trainable()
@@ -152,7 +165,7 @@ class SAMModel(nn.Module):
     def parameter_groups(self) -> dict[str, nn.Module | nn.Parameter]:
         """Named groups that ``trainable`` may list."""
         groups: dict[str, nn.Module | nn.Parameter] = {}
-        for name in ("patch_weight", "w_in", "w_out", "context_proj", "mlp_projector", "vpgc"):
+        for name in ("patch_weight", "w_in", "w_out", "context_proj", "mlp_projector", "vpgc", "mmfs"):
             if hasattr(self, name):
                 groups[name] = getattr(self, name)
         groups.update(
@@ -164,7 +177,7 @@ class SAMModel(nn.Module):
     def default_trainable(self) -> list[str]:
         if self.perceiver == "mlp":
             return ["mlp_projector"]  # the Q-Former and its projection are not used
-        return [g for g in ("patch_weight", "w_in", "w_out", "context_proj", "vpgc", "language_projection")
+        return [g for g in ("patch_weight", "w_in", "w_out", "context_proj", "vpgc", "mmfs", "language_projection")
                 if g in self.parameter_groups()]
 
     def set_trainable(self, names: list[str]) -> None:
@@ -422,7 +435,8 @@ class SAMModel(nn.Module):
             with self._autocast("llm"):
                 out = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                           **completer_kwargs(self, batch, perception.image_embeds, labels,
-                                                             embeds.shape[1]))
+                                                             embeds.shape[1]),
+                                          **self._mmfs_inputs(perception, batch, mask.shape[1]))
         logits = out.logits
         target = labels[:, 1:]
         n_tokens = int((target != -100).sum())
@@ -457,13 +471,53 @@ class SAMModel(nn.Module):
                 perception.visual_tokens, batch["image_mask"], batch["input_ids"], batch["attention_mask"],
                 image_slots=batch.get("image_slots"),
             )
-            with vpgc_generating(self, batch, perception.image_embeds, embeds.shape[1]), self._autocast("llm"):
+            with vpgc_generating(self, batch, perception.image_embeds, embeds.shape[1]), self._autocast("llm"), \
+                    self._mmfs_generating(self._mmfs_inputs(perception, batch, mask.shape[1])):
                 ids = self.language_model.generate(inputs_embeds=embeds, attention_mask=mask, **settings)
         if return_ids:
             return ids
         if tok is None:
             raise ValueError("this model has no LLM tokenizer; call generate(..., return_ids=True)")
         return [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
+
+    def _mmfs_inputs(self, perception: Perception, batch: dict, seq_len: int) -> dict:
+        """The ``mmfs`` keyword of the LLM call (empty without a synchronizer): the same vision
+        features ``perceive`` read, and which image each assembled position may see."""
+        if not hasattr(self, "mmfs"):
+            return {}
+        from sam_mllm.models.mmfs import SynchronizerContext, visibility_mask, vit_feature_maps
+
+        image_mask = batch["image_mask"].bool()
+        features, shapes = vit_feature_maps(perception.image_embeds, self.mmfs_levels)
+        starts = self._image_starts(image_mask, batch["attention_mask"], perception.visual_tokens.shape[2])
+        return {"mmfs": SynchronizerContext(features, visibility_mask(starts, seq_len), image_mask, shapes)}
+
+    @contextlib.contextmanager
+    def _mmfs_generating(self, inputs: dict):
+        """``generate`` refuses keywords its model's ``forward`` does not name, so the ``mmfs``
+        keyword is added to every LLM call by a pre-hook while generating."""
+        if not inputs:
+            yield
+            return
+        handle = self.language_model.register_forward_pre_hook(
+            lambda module, args, kwargs: (args, {**kwargs, **inputs}), with_kwargs=True
+        )
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _image_starts(self, image_mask: Tensor, attention_mask: Tensor, nq: int) -> Tensor:
+        """[B, N] position of each image's first visual token in ``_assemble``'s layout (-1: padded
+        slot). Follows ``_assemble``: present images' ``nq`` tokens in order, then the text, left-padded."""
+        keep = torch.cat([image_mask.repeat_interleave(nq, dim=1), attention_mask.bool()], dim=1)
+        position = torch.argsort(torch.argsort(keep.to(torch.int8), dim=1, stable=True), dim=1)
+        starts = position[:, :: nq][:, : image_mask.shape[1]]
+        return starts.masked_fill(~image_mask, -1)
+
+    def _vision_grid(self) -> int:
+        vc = self.config.vision_config
+        return vc.image_size // vc.patch_size
 
     def use_paper_precision(self) -> SAMModel:
         """The released evaluation's precision: ViT (its Linear and Conv layers, as LAVIS's
