@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", default="1,2,3,5,8", help="comma-separated N values")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sections", default="step,generate,perception,others,cache")
+    p.add_argument("--model", default="sam", help="variant compared with instructblip in the step/generate section")
     p.add_argument("--gen-tokens", type=int, default=8)
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", default=None, help="write the report as JSON (and .md beside it)")
@@ -232,9 +233,11 @@ def perception_flops(model: SAMModel, num_images: int, text_tokens: int) -> tupl
 
 
 def run(preset: str, batch_size: int, image_counts: list[int], repeats: int, device: torch.device,
-        sections: set[str], gen_tokens: int) -> dict:
+        sections: set[str], gen_tokens: int, variant: str = "sam") -> dict:
     report: dict = {"preset": preset, "batch_size": batch_size, "device": describe(device), "sections": {}}
-    sam = make_model("sam", preset, device)
+    if variant != "sam":
+        report["variant"] = variant
+    sam = make_model(variant, preset, device)  # the variant compared with instructblip
     base = make_model("instructblip", preset, device)
     base.load_state_dict(sam.state_dict(), strict=False)  # the same backbone for both
     sam.train()
@@ -246,12 +249,13 @@ def run(preset: str, batch_size: int, image_counts: list[int], repeats: int, dev
             batch = make_batch(sam, batch_size, n, device)
             t_sam = timeit(train_step(sam, batch), device, repeats)
             t_base = timeit(train_step(base, batch), device, repeats)
-            row = {"N": n, "sam_step_s": t_sam, "instructblip_step_s": t_base, "ratio": t_sam / t_base}
+            row = {"N": n, f"{variant}_step_s": t_sam, "instructblip_step_s": t_base, "ratio": t_sam / t_base}
             if "generate" in sections:
                 gen = dict(max_new_tokens=gen_tokens, min_new_tokens=gen_tokens, num_beams=1, return_ids=True)
                 g_sam = timeit(lambda b=batch, g=gen: sam.generate(b, **g), device, max(1, repeats // 2))
                 g_base = timeit(lambda b=batch, g=gen: base.generate(b, **g), device, max(1, repeats // 2))
-                row.update(sam_generate_s=g_sam, instructblip_generate_s=g_base, generate_ratio=g_sam / g_base)
+                row.update({f"{variant}_generate_s": g_sam, "instructblip_generate_s": g_base,
+                            "generate_ratio": g_sam / g_base})
             if device.type == "cuda":
                 flops = useful_flops(sam, batch)
                 peak = gpu_peak_tflops(device)
@@ -260,7 +264,7 @@ def run(preset: str, batch_size: int, image_counts: list[int], repeats: int, dev
                 row["mfu"] = flops / t_sam / (peak * 1e12) if peak else None
             rows.append(row)
             print(json.dumps(row))
-        report["sections"]["sam_vs_instructblip"] = rows
+        report["sections"][f"{variant}_vs_instructblip"] = rows
 
     if "perception" in sections:
         rows = []
@@ -370,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
         report = flop_ceilings(args.preset, args.batch_size, counts)
     else:
         report = run(args.preset, args.batch_size, counts, args.repeats, torch.device(args.device),
-                     set(args.sections.split(",")), args.gen_tokens)
+                     set(args.sections.split(",")), args.gen_tokens, args.model)
     md = to_markdown(report)
     print(md)
     if args.out:

@@ -1,11 +1,11 @@
 """The synthetic-world version of the paper's Table 3, over several seeds -> docs/RESULTS.md.
 
-    python scripts/results_table.py [--seeds 0 1 2] [--out runs/results] [--mmlink-instructions diverse]
+    python scripts/results_table.py [--seeds 0 1 2] [--out runs/results] [--mmlink-instructions diverse] [--rows ROW ...]
         [key=value ...]
 
 For each seed: a fresh synthetic world (generator seed = run seed), then zero-shot InstructBLIP,
 +DATA, +BSG, +LIN and SAM (configs/demo/*.yaml) trained on its MmLINK split and evaluated on the
-three synthetic tasks (+VPG-C and +MMICL too; ``--rows`` picks rows). Prints the mean and standard deviation per task and metric as a Markdown
+three synthetic tasks (+VPG-C, +MMICL, MMFS and SAM+MMFS too; ``--rows`` picks rows). Prints the mean and standard deviation per task and metric as a Markdown
 table and writes it, with the command and raw numbers, to --table.
 """
 
@@ -22,7 +22,8 @@ from sam_mllm.data.synthetic import MMLINK_INSTRUCTION_SETS
 from sam_mllm.demo import METRICS, ensure_data, repetition_rates, run_variant
 
 ROWS = {"InstructBLIP (zero-shot)": "demo/zeroshot", "+DATA": "demo/data", "+BSG": "demo/bsg",
-        "+LIN": "demo/lin", "+VPG-C": "demo/vpgc", "+MMICL": "demo/mmicl", "SAM": "demo/sam"}
+        "+LIN": "demo/lin", "+VPG-C": "demo/vpgc", "+MMICL": "demo/mmicl", "SAM": "demo/sam",
+        "MMFS": "demo/mmfs", "SAM+MMFS": "demo/sam_mmfs"}
 
 
 def main() -> None:
