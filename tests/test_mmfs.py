@@ -272,3 +272,16 @@ def test_7b_mmfs_parameter_count_on_meta_device():
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert trainable == sync + (projection if name == "mmfs" else 4_332_417)
         assert not any("mmfs" in k or "cross_attn" in k for k in model.language_model.state_dict())
+
+
+def test_gradient_checkpointing_replays_the_hooks(tiny_backbone, tokenizers):
+    batch = make_batch(tokenizers, [2, 3], seed=9)
+    grads = []
+    for gc in (False, True):
+        model = _mmfs_model(tiny_backbone, tokenizers, gate=0.5, seed=10)
+        if gc:
+            model.enable_gradient_checkpointing()
+        model.train()
+        model(batch).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])

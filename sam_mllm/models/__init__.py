@@ -83,7 +83,8 @@ def _build_variant(variant: str, cfg: ModelConfig, device: torch.device | str | 
     backbone, qf_tok, llm_tok = build_backbone(cfg, device)
     options = dict(VARIANTS[variant])
     if options.pop("mmfs", False):
-        options["mmfs"] = dataclasses.asdict(cfg.mmfs)
+        mmfs = cfg.mmfs
+        options["mmfs"] = dataclasses.asdict(mmfs) if dataclasses.is_dataclass(mmfs) else dict(mmfs)
     with torch.device(device or backbone.language_projection.weight.device):
         model = SAMModel(
             backbone, qf_tok, llm_tok, **options, context=cfg.context,

@@ -109,8 +109,8 @@ class MMFS(nn.Module):
         q = self.dynamic_offset_mask(query)[:, :, None] + self.query_relpos(relpos)  # [B, T, N, D]
         offsets = self.sampling_offsets(q).view(b, t, n, h, 1, p, 2)
         # The same normalised point on every level (offsets scaled by s_l / base, then divided by s_l).
-        locations = (0.5 + offsets / self.base_spatial_shape).expand(-1, -1, -1, -1, lv, -1, -1)
-        logits = self.attention_weights(q).view(b, t, n, h, lv, p + 1)[..., :p]
+        locations = (0.5 + offsets.float() / self.base_spatial_shape).expand(-1, -1, -1, -1, lv, -1, -1)
+        logits = self.attention_weights(q).float().view(b, t, n, h, lv, p + 1)[..., :p]
         logits = logits.masked_fill(~vis[..., None, None, None], float("-inf"))
         # One softmax per (token, head) over images x levels x points and a null slot of logit 0.
         logits = logits.permute(0, 1, 3, 2, 4, 5).reshape(b, t, h, n * lv * p)
@@ -123,14 +123,15 @@ class MMFS(nn.Module):
         for a, c in spatial_shapes[:-1]:
             starts.append(starts[-1] + a * c)
         shapes = torch.tensor(spatial_shapes, dtype=torch.long, device=values.device)
+        # Sampling in float32 whatever the autocast dtype: bf16 locations would move points by ~1/256.
         sampled = self.op(
-            values.reshape(b * n, hw, h, dh), shapes, list(spatial_shapes),
+            values.float().reshape(b * n, hw, h, dh), shapes, list(spatial_shapes),
             torch.tensor(starts, dtype=torch.long, device=values.device),
-            locations.permute(0, 2, 1, 3, 4, 5, 6).reshape(b * n, t, h, lv, p, 2).to(values.dtype),
-            weights.reshape(b * n, t, h, lv, p).to(values.dtype), 64,
+            locations.permute(0, 2, 1, 3, 4, 5, 6).reshape(b * n, t, h, lv, p, 2).float(),
+            weights.reshape(b * n, t, h, lv, p).float(), 64,
         ).view(b, n, t, dv).sum(1)
-        nothing = null[..., None].to(values.dtype) * self.ignore_token.view(h, dh)  # [B, T, H, dh]
-        return self.output_proj(sampled + nothing.reshape(b, t, dv))
+        nothing = null[..., None].float() * self.ignore_token.float().view(h, dh)  # [B, T, H, dh]
+        return self.output_proj((sampled + nothing.reshape(b, t, dv)).to(self.output_proj.weight.dtype))
 
 
 class SynchronizerBlock(nn.Module):
@@ -242,9 +243,11 @@ class SynchronizerContext:
 
 class FeatureSynchronizer(nn.Module):
     """One :class:`SynchronizerBlock` per chosen decoder layer (``blocks[str(i)]``), attached to the
-    LLM by two hooks per layer: a pre-hook on the decoder layer keeps its input (the residual) and a
-    forward hook on its ``self_attn`` adds the gated block's output to the attention output, so the
-    layer's own residual add yields ``h + tanh(gate) * MMFS(norm1(h))`` with ``h = x + attn``."""
+    LLM by two hooks per layer: a pre-hook on its ``input_layernorm`` keeps the layer's input (the
+    residual) and a forward hook on its ``self_attn`` adds the gated block's output to the attention
+    output, so the layer's own residual add yields ``h + tanh(gate) * MMFS(norm1(h))`` with
+    ``h = x + attn``. Both are inner modules, so gradient checkpointing (which replays the layer's
+    ``forward``, not its hooks) replays them too."""
 
     def __init__(self, decoder_layers: nn.ModuleList, d_value: int, *, every: int = 4, eps: float = 1e-6,
                  **mmfs_options) -> None:
@@ -256,31 +259,30 @@ class FeatureSynchronizer(nn.Module):
         self.blocks = nn.ModuleDict(
             {str(i): SynchronizerBlock(d_model, d_value, eps=eps, **mmfs_options) for i in self.layer_ids}
         )
-        self._residual: dict[int, tuple[Tensor, int, SynchronizerContext]] = {}
+        self._residual: Tensor | None = None
         for i in self.layer_ids:
             # Bound methods: a deep copy of the model re-binds them to the copied synchronizer.
-            decoder_layers[i].register_forward_pre_hook(self._keep_input, with_kwargs=True)
-            decoder_layers[i].self_attn.register_forward_hook(self._add_block)
+            decoder_layers[i].input_layernorm.register_forward_pre_hook(self._keep_input)
+            decoder_layers[i].self_attn.register_forward_hook(self._add_block, with_kwargs=True)
 
-    def _keep_input(self, layer: nn.Module, args: tuple, kwargs: dict) -> None:
-        idx = layer.self_attn.layer_idx
+    def _keep_input(self, norm: nn.Module, args: tuple) -> None:
+        self._residual = args[0]  # input_layernorm runs right before self_attn in the same layer
+
+    def _add_block(self, attn: nn.Module, args: tuple, kwargs: dict, output: tuple) -> tuple:
         ctx = kwargs.get("mmfs")
         if ctx is None:
             raise ValueError(
                 "this LLM has MMFS layers: call it through SAMModel.forward/generate, which pass the "
                 "images' features as the `mmfs` keyword"
             )
-        hidden = args[0] if args else kwargs["hidden_states"]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = int(cache.get_seq_length(idx)) if cache is not None else 0
-        self._residual[idx] = (hidden, past, ctx)
-
-    def _add_block(self, attn: nn.Module, args: tuple, output: tuple) -> tuple:
+        residual, self._residual = self._residual, None
         idx = attn.layer_idx
-        residual, past, ctx = self._residual.pop(idx)
         block = self.blocks[str(idx)]
         out = output[0]
         rows, length, d = out.shape
+        # The cache already holds this call's tokens when the attention returns.
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = int(cache.get_seq_length(idx)) - length if cache is not None else 0
         b = ctx.visibility.shape[0]
         if torch.is_grad_enabled():
             values = block.values(ctx.features)
