@@ -144,6 +144,7 @@ def test_official_decoder_layer_with_hooks(official):
 def _mmfs_model(backbone, tokenizers, gate: float = 0.0, seed: int = 0, guidance: str = "none", **mmfs):
     """A tiny model with a synchronizer in every LLM layer, its projections randomised (so that a
     zero gate is the only thing keeping it silent) and every gate set to ``gate``."""
+    torch.manual_seed(seed)  # the synchronizer's own initialisation
     model = make_model(backbone, tokenizers, guidance=guidance, mmfs={"every": 1, **mmfs})
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
