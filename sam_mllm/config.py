@@ -27,8 +27,8 @@ class ConfigError(UserError, ValueError):
 class MMFSConfig:
     # MM-Interleaved's feature synchronizer (variants mmfs, sam_mmfs; sam_mllm/models/mmfs.py).
     every: int = 4  # in LLM layers 0, every, 2*every, ... (official cross_attention_frequency)
-    heads: int = 16
-    points: int = 8
+    heads: int = 16  # attention heads (the vision width must divide by it)
+    points: int = 8  # sampling points per head, image and level
     levels: str = "single"  # single (the ViT's patch grid) | pyramid (parameter-free 2x up, grid, 2x pool)
     offset_init: float = 3.0  # initial sampling offsets ~ U(-x, x) cells of the patch grid
     max_images: int = 50  # rows of the image-position embedding (images seen by a token must be fewer)
