@@ -487,6 +487,9 @@ class SAMModel(nn.Module):
             return {}
         from sam_mllm.models.mmfs import SynchronizerContext, visibility_mask, vit_feature_maps
 
+        if batch.get("image_slots") is not None:
+            raise ValueError("model.image_placement=markers is not supported with MMFS yet (its visibility "
+                             "follows the prefix layout); use image_placement=prefix")
         image_mask = batch["image_mask"].bool()
         features, shapes = vit_feature_maps(perception.image_embeds, self.mmfs_levels)
         starts = self._image_starts(image_mask, batch["attention_mask"], perception.visual_tokens.shape[2])
