@@ -162,7 +162,7 @@ def test_alpha_zero_is_instructblip_bit_for_bit(tiny_backbone, tokenizers):
     model = _mmfs_model(tiny_backbone, tokenizers, gate=0.0)
     with torch.no_grad():
         assert torch.equal(model(batch).logits, base(batch).logits)
-        kw = dict(max_length=6, num_beams=5, return_ids=True)
+        kw = dict(max_new_tokens=6, num_beams=5, return_ids=True)
         assert torch.equal(model.generate(batch, **kw), base.generate(batch, **kw))
         sam, sam_mmfs = (make_model(tiny_backbone, tokenizers), _mmfs_model(tiny_backbone, tokenizers, guidance="w_former"))
         assert torch.equal(sam_mmfs(batch).logits, sam(batch).logits)
@@ -220,7 +220,7 @@ def test_padded_batch_equals_samples_alone_and_padded_images_change_nothing(tiny
                 alone = model(select(batch, i)).logits[0]
                 assert (together[i, -alone.shape[0]:] - alone).abs().max() <= 1e-5, (guidance, i)
             if guidance == "none":  # beam rows map to their sample
-                kw = dict(max_length=5, num_beams=3, return_ids=True)
+                kw = dict(max_new_tokens=5, num_beams=3, return_ids=True)
                 ids = model.generate(batch, **kw)
                 for i in range(3):
                     one = model.generate(select(batch, i), **kw)[0]
@@ -255,7 +255,7 @@ def test_visibility_follows_visual_tokens_and_causality(tiny_backbone, tokenizer
 def test_greedy_with_kv_cache_equals_recomputation(tiny_backbone, tokenizers):
     model = _mmfs_model(tiny_backbone, tokenizers, gate=0.7, seed=7, levels="pyramid")
     batch = make_batch(tokenizers, [2, 1, 3], seed=8)
-    kw = dict(max_length=6, num_beams=1, return_ids=True)
+    kw = dict(max_new_tokens=6, num_beams=1, return_ids=True)
     assert torch.equal(model.generate(batch, **kw), model.generate(batch, use_cache=False, **kw))
 
 
