@@ -39,16 +39,20 @@ class PredictionFileError(DataError):
     """A predictions file that cannot be read or does not fit the dataset; names the file and the record."""
 
 
+def prediction_file(path: str | Path) -> Path:
+    """``path`` itself, or the predictions file inside the folder ``path``."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for name in (PREDICTIONS, "pred.json", "per_sample.jsonl"):
+        if (path / name).is_file():
+            return path / name
+    raise PredictionFileError(f"{path}: no {PREDICTIONS}, pred.json or per_sample.jsonl in this folder")
+
+
 def read_predictions(path: str | Path) -> list[dict]:
     """``[{"id", "prediction", "gt_response"?}]`` from any supported file (or a folder holding one)."""
-    path = Path(path)
-    if path.is_dir():
-        for name in (PREDICTIONS, "pred.json", "per_sample.jsonl"):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise PredictionFileError(f"{path}: no {PREDICTIONS}, pred.json or per_sample.jsonl in this folder")
+    path = prediction_file(path)
     if not path.is_file():
         raise PredictionFileError(f"predictions file not found: {path}")
     text = path.read_text(encoding="utf-8")
@@ -147,6 +151,7 @@ def _self_referenced_set(records: list[dict], source: str, task: str | None) -> 
 def score_file(cfg: Config, path: str | Path, eval_set: EvalSet | None, out_dir: Path,
                task: str | None = None) -> tuple[EvalSet, dict]:
     """Score one predictions file into ``out_dir`` (metrics.json, per_sample.jsonl, report.html)."""
+    path = prediction_file(path)
     records = read_predictions(path)
     if eval_set is None:
         eval_set = _self_referenced_set(records, str(path), task)

@@ -158,10 +158,14 @@ def test_only_trainable_parameters_get_gradients_and_frozen_stay_eval(tiny_backb
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None, name
-            # The patch-weight bias shifts every image's score equally: softmax ignores it.
-            assert (p.grad.abs().sum() > 1e-12) == (name != "patch_weight.bias"), name  # zero up to rounding
+            if name != "patch_weight.bias":
+                assert p.grad.abs().sum() > 0, name
         else:
             assert p.grad is None, name
+    # The patch-weight bias shifts every image's score equally, which the softmax ignores: its gradient is
+    # zero up to rounding (exactly zero with some thread counts), far below the weight's tiny gradient.
+    weight, bias = model.patch_weight.weight.grad.abs().sum(), model.patch_weight.bias.grad.abs().sum()
+    assert bias <= 1e-2 * weight, (bias, weight)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_backbone, tokenizers):
