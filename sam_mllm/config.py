@@ -254,7 +254,16 @@ def resolve_config_path(name: str | Path) -> Path:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Schema defaults <- YAML file (with its ``defaults`` chain) <- ``key=value`` overrides."""
-    schema = OmegaConf.structured(Config)
+    cfg, source = merge_onto_schema(Config, path, overrides)
+    _validate(cfg, source)
+    return cfg
+
+
+def merge_onto_schema(schema_class: type, path: str | Path | None = None,
+                      overrides: list[str] | None = None) -> tuple[Any, str]:
+    """An instance of the dataclass ``schema_class``: its defaults <- YAML file <- ``key=value``
+    overrides; also the source last merged, to name in later validation errors."""
+    schema = OmegaConf.structured(schema_class)
     source = "defaults"
     try:
         if path is not None:
@@ -269,9 +278,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             schema = OmegaConf.merge(schema, OmegaConf.from_dotlist(list(overrides)))
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{source}: {_explain(exc)}") from None
-    cfg = OmegaConf.to_object(schema)
-    _validate(cfg, source)
-    return cfg
+    return OmegaConf.to_object(schema), source
 
 
 def _explain(exc: OmegaConfBaseException) -> str:

@@ -112,16 +112,7 @@ def write_html_report(path: str | Path, *, title: str, rows: Sequence[Mapping], 
     shown = rows[:max_rows] if max_rows is not None else rows
     metrics = _metric_columns(summary, shown)
     thumbs = _thumbnails([str(p) for r in shown for p in _as_list(r.get("images"))], thumb_size, image_mode)
-    # Each distinct image is embedded once, as a CSS class, however many rows show it.
-    classes = {p: f"t{k}" for k, p in enumerate(sorted(p for p, t in thumbs.items() if t is not None))}
-
-    out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-           "<meta name='viewport' content='width=device-width,initial-scale=1'>",
-           f"<title>{_esc(title)}</title><style>{_STYLE}"]
-    for p, cls in classes.items():
-        w, h, data = thumbs[p]
-        out.append(f".{cls}{{width:{w}px;height:{h}px;background-image:url(data:image/jpeg;base64,{data})}}\n")
-    out.append(f".missing{{width:{thumb_size}px;height:{max(24, thumb_size * 2 // 3)}px}}</style></head><body>")
+    classes, out = _page_head(title, thumbs, thumb_size)
     out.append(f"<h1>{_esc(title)}</h1>")
     if model:
         out.append(f"<p class='note'>model: <b>{_esc(model)}</b></p>")
@@ -170,6 +161,22 @@ def write_html_report(path: str | Path, *, title: str, rows: Sequence[Mapping], 
     _atomic_write(path, "".join(out).encode("utf-8"))
     return path
 
+
+
+def _page_head(title: str, thumbs: dict[str, tuple[int, int, str] | None], thumb_size: int,
+               extra_css: str = "") -> tuple[dict[str, str], list[str]]:
+    """The page's head: each distinct image embedded once, as a CSS class, however many rows show it.
+    Returns the class of each image path and the HTML so far."""
+    classes = {p: f"t{k}" for k, p in enumerate(sorted(p for p, t in thumbs.items() if t is not None))}
+    out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+           "<meta name='viewport' content='width=device-width,initial-scale=1'>",
+           f"<title>{_esc(title)}</title><style>{_STYLE}"]
+    for p, cls in classes.items():
+        w, h, data = thumbs[p]
+        out.append(f".{cls}{{width:{w}px;height:{h}px;background-image:url(data:image/jpeg;base64,{data})}}\n")
+    out.append(f".missing{{width:{thumb_size}px;height:{max(24, thumb_size * 2 // 3)}px}}{extra_css}"
+               "</style></head><body>")
+    return classes, out
 
 def _row(r: Mapping, metrics: list[str], thumbs: dict[str, tuple[int, int, str] | None],
          classes: dict[str, str]) -> str:
@@ -393,15 +400,8 @@ def write_side_by_side_report(path: str | Path, *, title: str, samples: Sequence
     if sort_metric not in metrics and metrics:
         sort_metric = metrics[0]
     thumbs = _thumbnails([str(p) for s in samples for p in _as_list(s.get("images"))], thumb_size)
-    classes = {p: f"t{k}" for k, p in enumerate(sorted(p for p, t in thumbs.items() if t is not None))}
-    out = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-           "<meta name='viewport' content='width=device-width,initial-scale=1'>",
-           f"<title>{_esc(title)}</title><style>{_STYLE}"]
-    for p, cls in classes.items():
-        w, h, data = thumbs[p]
-        out.append(f".{cls}{{width:{w}px;height:{h}px;background-image:url(data:image/jpeg;base64,{data})}}\n")
-    out.append(f".missing{{width:{thumb_size}px;height:{max(24, thumb_size * 2 // 3)}px}}"
-               ".sc{color:#555;font-size:12px;margin-top:3px}.pos{color:#070}.neg{color:#a00}</style></head><body>")
+    classes, out = _page_head(title, thumbs, thumb_size,
+                              ".sc{color:#555;font-size:12px;margin-top:3px}.pos{color:#070}.neg{color:#a00}")
     out.append(f"<h1>{_esc(title)}</h1><table class='summary'><thead><tr><th>model</th>")
     out.extend(f"<th>{_esc(m)}</th>" for m in metrics)
     out.append("</tr></thead><tbody>")

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from sam_mllm.config import ConfigError, _explain, _read_yaml, resolve_config_path
+from sam_mllm.config import ConfigError, merge_onto_schema
 
 
 @dataclass
@@ -44,22 +43,7 @@ class MmlinkConfig:
 
 def load_mmlink_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MmlinkConfig:
     """Schema defaults <- YAML (with its ``defaults`` chain) <- ``key=value`` overrides."""
-    schema = OmegaConf.structured(MmlinkConfig)
-    source = "defaults"
-    try:
-        if path is not None:
-            resolved = resolve_config_path(path)
-            source = str(resolved)
-            schema = OmegaConf.merge(schema, _read_yaml(resolved))
-        if overrides:
-            source = f"command-line overrides {overrides}"
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-            schema = OmegaConf.merge(schema, OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{source}: {_explain(exc)}") from None
-    cfg = OmegaConf.to_object(schema)
+    cfg, source = merge_onto_schema(MmlinkConfig, path, overrides)
     for stage in ("source", "segmenter", "compositor", "writer", "inpainter", "describer", "refiner", "qc"):
         section = getattr(cfg, stage)
         if not isinstance(section.get("name"), str):
