@@ -141,43 +141,47 @@ def build_from_dims(dims: Any, attn_implementation: str = "sdpa") -> InstructBli
     return InstructBlipForConditionalGeneration(config)
 
 
-def _locate(name_or_path: str) -> Path:
-    """A local directory as is, or the cached snapshot of a hub id; never a silent download."""
+def locate_weights(name_or_path: str, *, what: str, setting: str, error: type[Exception],
+                   marker: str = "config.json", alternatives: str = "") -> Path:
+    """A local folder as is, or the cached snapshot of a hub id; downloaded only when online.
+
+    Every failure is one ``error`` naming ``what`` and how to provide the weights (``setting`` is the
+    config key that takes a local copy). Shared by the backbone, SEA's CLIP and the MmLINK stages.
+    """
     path = Path(name_or_path).expanduser()
     if not path.is_absolute() and not path.is_dir() and (REPO_ROOT / path).is_dir():
         path = REPO_ROOT / path  # repo-relative paths (configs name sam_mllm/assets/...) work from anywhere
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise BackboneNotFoundError(f"backbone directory {path} has no config.json")
+        if not (path / marker).is_file():
+            raise error(f"{what}: folder {path} has no {marker}")
         return path
     if path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") != 1:
-        raise BackboneNotFoundError(
-            f"backbone {name_or_path!r}: no such directory, and it is not a Hugging Face id (owner/name)"
-        )
+        raise error(f"{what} {name_or_path!r}: no such folder, and it is not a Hugging Face id (owner/name)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
         return Path(snapshot_download(name_or_path, local_files_only=True))
     except LocalEntryNotFoundError:
         pass
-    hint = (
-        f"Weights for {name_or_path!r} were looked for in the Hugging Face cache "
-        f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}) "
-        "and not found. Provide them by one of: (1) on a machine with internet, "
-        f"`huggingface-cli download {name_or_path}` (or let the first run download them) and copy the "
-        "cache; (2) set model.backbone=/path/to/a/local/copy (a directory with config.json and the "
-        "weights, e.g. from `save_pretrained`); (3) for experiments without weights, model.dims=tiny."
-    )
-    if offline:
-        raise BackboneNotFoundError(hint + " HF_HUB_OFFLINE is set, so nothing was downloaded.")
+    hint = (f"{what}: weights of {name_or_path!r} not found in the Hugging Face cache "
+            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}). "
+            f"Provide them by one of: (1) on a machine with internet, `huggingface-cli download {name_or_path}` "
+            f"(or let the first run download them) and copy the cache; (2) set {setting}=/path/to/a/local/copy "
+            f"(a folder with {marker} and the weights, e.g. from `save_pretrained`){alternatives}.")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise error(hint + " HF_HUB_OFFLINE is set, so nothing was downloaded.")
     try:
         return Path(snapshot_download(name_or_path, etag_timeout=10))
     except Exception as exc:  # network errors come in many classes; the cause is kept below
         # The hub's own message runs over several lines; its first says what failed (--debug shows all).
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise BackboneNotFoundError(hint + f" Download failed: {type(exc).__name__}: {first}") from exc
+        raise error(hint + f" Download failed: {type(exc).__name__}: {first}") from exc
+
+
+def _locate(name_or_path: str) -> Path:
+    return locate_weights(name_or_path, what="backbone", setting="model.backbone", error=BackboneNotFoundError,
+                          alternatives="; (3) for experiments without weights, model.dims=tiny")
 
 
 def load_pretrained(

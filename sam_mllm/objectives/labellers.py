@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -169,32 +168,10 @@ class CLIPLabeller:
 
 
 def _locate_clip(name_or_path: str) -> Path:
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    from sam_mllm.models.backbone import REPO_ROOT
+    from sam_mllm.models.backbone import locate_weights
 
-    if not path.is_absolute() and (REPO_ROOT / path).is_dir():
-        return REPO_ROOT / path
-    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "~", "/")):
-        raise LabellerError(f"sea.clip_model {name_or_path!r}: no such directory, and not a Hugging Face id")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(name_or_path, local_files_only=True))
-    except Exception:
-        pass
-    hint = (f"sea.clip_model {name_or_path!r}: weights not found in the Hugging Face cache "
-            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}). "
-            f"Download them on a machine with internet (`huggingface-cli download {name_or_path}`) and copy the "
-            "cache, or set sea.clip_model=/path/to/a/local/copy; on the synthetic world, sea.labeller=oracle or "
-            "sea.clip_model=sam_mllm/assets/tiny_clip need no download.")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise LabellerError(hint + " HF_HUB_OFFLINE is set, so nothing was downloaded.")
-    try:
-        return Path(snapshot_download(name_or_path, etag_timeout=10))
-    except Exception as exc:  # network errors come in many classes; keep the cause
-        raise LabellerError(hint + f" Download failed: {type(exc).__name__}: {exc}") from exc
+    return locate_weights(name_or_path, what="sea.clip_model", setting="sea.clip_model", error=LabellerError,
+                          alternatives="; on the synthetic world, sea.labeller=oracle needs no download")
 
 
 def build_labeller(sea_cfg, grid: int, device: torch.device | str = "cpu"):

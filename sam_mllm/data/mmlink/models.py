@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from sam_mllm.data.mmlink.stages import PLACES, Background, Composition, Item, ObjectGroup, PipelineError
-from sam_mllm.models.backbone import REPO_ROOT, BackboneNotFoundError
+from sam_mllm.models.backbone import BackboneNotFoundError, locate_weights
 from sam_mllm.registry import register
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -41,35 +41,10 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
 
 def locate(name_or_path: str, stage: str, marker: str = "config.json") -> Path:
-    """A local folder as is, or the cached snapshot of a hub id; never a silent download."""
-    path = Path(name_or_path).expanduser()
-    if not path.is_absolute() and not path.is_dir() and (REPO_ROOT / path).is_dir():
-        path = REPO_ROOT / path
-    if path.is_dir():
-        if not (path / marker).is_file():
-            raise MissingWeightsError(f"{stage}: folder {path} has no {marker}")
-        return path
-    if path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") != 1:
-        raise MissingWeightsError(f"{stage}: {name_or_path!r} is no folder and no Hugging Face id (owner/name)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(name_or_path, local_files_only=True))
-    except LocalEntryNotFoundError:
-        pass
-    hint = (f"{stage}: weights of {name_or_path!r} are not in the Hugging Face cache "
-            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}). "
-            f"Provide them by one of: (1) on a machine with internet, `huggingface-cli download {name_or_path}` "
-            f"and copy the cache; (2) set {stage}.model=/path/to/a/local/copy (a save_pretrained folder).")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise MissingWeightsError(hint + " HF_HUB_OFFLINE is set, so nothing was downloaded.")
-    try:
-        return Path(snapshot_download(name_or_path, etag_timeout=10))
-    except Exception as exc:  # network errors come in many classes; the cause is kept below
-        raise MissingWeightsError(hint + f" Download failed: {type(exc).__name__}: {exc}") from exc
-
-
+    """A stage's weights: a local folder, or the cached (or, online, downloaded) snapshot of a hub id."""
+    setting = stage if "." in stage else f"{stage}.model"
+    return locate_weights(name_or_path, what=stage, setting=setting, error=MissingWeightsError,
+                          marker=marker)
 def _on_white(image: Image.Image) -> Image.Image:
     if image.mode != "RGBA":
         return image.convert("RGB")
