@@ -128,10 +128,15 @@ def write_fingerprint(folder: Path, fingerprint: dict) -> None:
 
 
 class FolderLock:
-    """An exclusive lock on an output folder, held while the process lives; names its holder."""
+    """An exclusive lock on a folder, held while the process lives; names its holder.
 
-    def __init__(self, folder: Path) -> None:
-        self.path = Path(folder) / LOCK_FILE
+    ``wait=False`` (output folders): a held lock is an error naming the holder. ``wait=True`` (shared
+    caches): block until the holder is done, since its work is what this process would redo.
+    """
+
+    def __init__(self, folder: Path, name: str = LOCK_FILE, wait: bool = False) -> None:
+        self.path = Path(folder) / name
+        self.wait = wait
         self.fd: int | None = None
 
     def acquire(self) -> FolderLock:
@@ -142,7 +147,7 @@ class FolderLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
             os.close(fd)

@@ -65,37 +65,46 @@ class FeatureCache:
         return out
 
     def build(self, paths: Sequence[str | Path], encode: Callable[[list[Path]], torch.Tensor],
-              batch_size: int = 16, where: Mapping[Path, str] | None = None) -> int:
+              batch_size: int = 16, where: Mapping[Path, str] | None = None, desc: str = "feature cache") -> int:
         """Compute and store features of the images not cached yet; returns how many were added.
 
         ``encode`` maps a list of image files to features [n, P, Dv]. The new rows go to a new
         shard, and the index is replaced atomically only after the shard is complete, so a crash
         leaves the previous cache valid.
         """
-        todo = self.missing(paths, where)  # where: path -> its sample, for errors
-        if not todo:
+        if not self.missing(paths, where):  # where: path -> its sample, for errors
             return 0
         self.dir.mkdir(parents=True, exist_ok=True)
-        shard_name = f"features_{len(self.index['shards']):04d}.npy"
-        shard = None
-        rows = {}
-        for start in tqdm(range(0, len(todo), batch_size), desc="feature cache", unit="batch"):
-            chunk = todo[start : start + batch_size]
-            feats = encode(chunk).detach().float().cpu().numpy().astype(self.dtype)
-            if shard is None:
-                shard = np.lib.format.open_memmap(self.dir / (shard_name + ".tmp"), mode="w+", dtype=self.dtype,
-                                                  shape=(len(todo), *feats.shape[1:]))
-            shard[start : start + len(chunk)] = feats
-            for i, p in enumerate(chunk):
-                rows[file_key(p)] = [shard_name, start + i]
-        shard.flush()
-        del shard
-        os.replace(self.dir / (shard_name + ".tmp"), self.dir / shard_name)
-        self.index["shards"].append(shard_name)
-        self.index["rows"].update(rows)
-        tmp = self.dir / (INDEX + ".tmp")
-        tmp.write_text(json.dumps(self.index))
-        os.replace(tmp, self.dir / INDEX)
+        # Several processes (one per seed, say) may share a cache folder. Building holds the folder's
+        # lock and rereads the index under it, so two builders never write the same shard name and
+        # neither drops the other's rows; a waiting process then encodes only what is still missing.
+        from sam_mllm.provenance import FolderLock
+
+        with FolderLock(self.dir, name=".build.lock", wait=True):
+            self.index = self._read_index()
+            todo = self.missing(paths, where)
+            if not todo:
+                return 0
+            shard_name = f"features_{len(self.index['shards']):04d}.npy"
+            shard = None
+            rows = {}
+            for start in tqdm(range(0, len(todo), batch_size), desc=desc, unit="batch"):
+                chunk = todo[start : start + batch_size]
+                feats = encode(chunk).detach().float().cpu().numpy().astype(self.dtype)
+                if shard is None:
+                    shard = np.lib.format.open_memmap(self.dir / (shard_name + ".tmp"), mode="w+",
+                                                      dtype=self.dtype, shape=(len(todo), *feats.shape[1:]))
+                shard[start : start + len(chunk)] = feats
+                for i, p in enumerate(chunk):
+                    rows[file_key(p)] = [shard_name, start + i]
+            shard.flush()
+            del shard
+            os.replace(self.dir / (shard_name + ".tmp"), self.dir / shard_name)
+            self.index["shards"].append(shard_name)
+            self.index["rows"].update(rows)
+            tmp = self.dir / (INDEX + ".tmp")
+            tmp.write_text(json.dumps(self.index))
+            os.replace(tmp, self.dir / INDEX)
         return len(todo)
 
     def _key(self, path: str | Path, where: str) -> str:

@@ -193,7 +193,7 @@ def build_label_cache(root: str | Path, labeller, transform: ImageTransform, fil
                       batch_size: int = 16) -> tuple[FeatureCache, int]:
     """Label every file not cached yet; returns the cache and how many images were added."""
     cache = label_cache(root, labeller, transform)
-    added = cache.build(list(files), lambda chunk: labeller(chunk), batch_size=batch_size)
+    added = cache.build(list(files), lambda chunk: labeller(chunk), batch_size=batch_size, desc="label cache")
     return label_cache(root, labeller, transform), added
 
 
