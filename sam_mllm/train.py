@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from sam_mllm.config import Config, ConfigError, to_yaml
-from sam_mllm.data.feature_cache import FeatureCache, backbone_fingerprint
+from sam_mllm.data.feature_cache import FeatureCache, backbone_fingerprint, pixels_fingerprint
 from sam_mllm.data.images import survey
 from sam_mllm.data.processing import Processor, load_image
 from sam_mllm.data.sampling import MixtureOrder, step_positions
@@ -136,8 +136,7 @@ def build_feature_cache(cfg: Config, model: SAMModel, processor: Processor, sets
         )
     transform = processor.transform(train=False)
     mode = cfg.data.image_mode  # part of the cache key: other pixels, other features
-    pixels_id = transform.fingerprint if mode == "released" else f"{transform.fingerprint}-{mode}"
-    cache = FeatureCache(cfg.train.feature_cache, backbone_fingerprint(model), pixels_id)
+    cache = FeatureCache(cfg.train.feature_cache, backbone_fingerprint(model), pixels_fingerprint(transform, mode))
     if accelerator.is_main_process:
         owners = {root / p: f"{root / ds.annotations}: training sample id {s.id!r}: "
                   for (root, samples), ds in zip(sets, cfg.train.datasets) for s in samples for p in s.img_list}
@@ -160,7 +159,7 @@ def build_sea(cfg: Config, model: SAMModel, processor: Processor, sets, accelera
             f"sea.enabled needs patch labels that match the pixels, but train.augment={cfg.train.augment!r} "
             "draws random crops. Set train.augment=none.")
     transform = processor.transform(train=False)
-    labeller = build_labeller(cfg.sea, patch_grid(model), accelerator.device)
+    labeller = build_labeller(cfg.sea, patch_grid(model), accelerator.device, cfg.data.image_mode)
     if accelerator.is_main_process:
         paths = [root / p for root, samples in sets for s in samples for p in s.img_list]
         cache, added = build_label_cache(cfg.sea.label_cache, labeller, transform, paths)
@@ -365,6 +364,7 @@ def train(cfg: Config) -> Path:
                disable=not accelerator.is_local_main_process)
     log = open(out / LOG_FILE, "a", encoding="utf-8") if accelerator.is_main_process else None
     micro = sampler.micro_batches_per_step()
+    outside = {"sea.log_tau": sea.log_tau} if sea is not None else None  # trained, not in the model
     batches = iter(loader)
     tick, samples_seen = time.monotonic(), 0
     try:
@@ -393,14 +393,14 @@ def train(cfg: Config) -> Path:
                     if sea is not None and accelerator.sync_gradients and accelerator.num_processes > 1:
                         sea.log_tau.grad = accelerator.reduce(sea.log_tau.grad, reduction="mean")  # τ is not in DDP
                     if accelerator.sync_gradients:  # a non-finite gradient must not reach the weights
-                        _stop_if_non_finite(raw, "gradient", step, ids, out)
+                        _stop_if_non_finite(raw, "gradient", step, ids, out, extra=outside)
                     if accelerator.sync_gradients and t.grad_clip > 0:
                         grad_norm = accelerator.clip_grad_norm_(raw.trainable_state_dict().values(), t.grad_clip)
                         _stop_if_non_finite(raw, "gradient", step, ids, out, norm=grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     if accelerator.sync_gradients:
-                        _stop_if_non_finite(raw, "weight", step, ids, out)
+                        _stop_if_non_finite(raw, "weight", step, ids, out, extra=outside)
                 step_loss += loss.detach() / micro
                 samples_seen += len(ids) * accelerator.num_processes
             done = step + 1
@@ -468,13 +468,15 @@ def _periodic_eval(cfg: Config, model: SAMModel, accelerator: Accelerator, out: 
             if isinstance(v, (int, float)) and not k.startswith("num_")}
 
 
-def _stop_if_non_finite(model: SAMModel, what: str, step: int, ids: list, out: Path, norm=None) -> None:
+def _stop_if_non_finite(model: SAMModel, what: str, step: int, ids: list, out: Path, norm=None,
+                        extra: dict[str, torch.nn.Parameter] | None = None) -> None:
     """Stop on non-finite gradients or weights (or a gradient norm that overflowed, which clipping
-    would turn into a zero or NaN update), naming the newest checkpoint that is finite."""
+    would turn into a zero or NaN update), naming the newest checkpoint that is finite. ``extra``:
+    trained parameters outside the model (SEA's τ)."""
     if norm is not None:
         bad = [] if torch.isfinite(torch.as_tensor(norm)) else [f"total norm {float(norm)}"]
     else:
-        params = model.trainable_state_dict()
+        params = {**model.trainable_state_dict(), **(extra or {})}
         values = [p.grad if what == "gradient" else p for p in params.values()]
         bad = [n for n, v in zip(params, values) if v is not None and not torch.isfinite(v).all()]
     if bad:

@@ -4,6 +4,7 @@ gradients, λ = 0, padded images, seeded labels, the oracle labeller, and traini
 from __future__ import annotations
 
 import copy
+import json
 import math
 import subprocess
 import sys
@@ -288,6 +289,19 @@ def test_oracle_labels_follow_the_recorded_objects(world):
         lab([world / "images" / "nope.png"])
 
 
+def test_label_cache_is_keyed_by_image_mode_and_says_label_cache(world, tmp_path, capsys):
+    from sam_mllm.data.processing import ImageTransform
+    from sam_mllm.objectives.labellers import build_label_cache
+
+    files, transform = sorted((world / "images").glob("*.png"))[:2], ImageTransform(64)
+    released, added = build_label_cache(tmp_path, OracleLabeller(8, 3), transform, files)
+    assert added == 2 and "label cache" in capsys.readouterr().err
+    upright, added = build_label_cache(tmp_path, OracleLabeller(8, 3, image_mode="upright"), transform, files)
+    assert added == 2 and upright.dir != released.dir  # other decoding, other entry
+    again, added = build_label_cache(tmp_path, OracleLabeller(8, 3), transform, files)
+    assert added == 0 and again.dir == released.dir
+
+
 # --------------------------------------------------------------------------------------- training
 
 
@@ -334,6 +348,37 @@ def test_training_logs_parts_resumes_identically_and_two_processes_match(world, 
     assert all(abs(x["loss_sea"] - y["loss_sea"]) < 1e-4 and x["sea_pairs"] == y["sea_pairs"] for x, y in zip(log, logd))
     sd = torch.load(ddp / "checkpoints" / "step_0000004" / "state.pt", weights_only=False)["sea"]
     assert torch.allclose(sd["log_tau"], sa["log_tau"], atol=1e-6)
+
+
+def test_non_finite_tau_gradient_stops_before_the_step(world, tmp_path, monkeypatch):
+    """τ lives outside the model: its gradient is checked with the model's before the optimizer step."""
+    from sam_mllm.train import TrainingError
+
+    real = S.SEAObjective.forward
+    calls = {"n": 0}
+
+    def forward(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 2 (two micro-batches per step): finite loss, NaN gradient of log τ
+
+            class NaNGrad(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, x):
+                    return x.new_zeros(())
+
+                @staticmethod
+                def backward(ctx, grad):
+                    return torch.full((), float("nan"))
+
+            out.loss = out.loss + NaNGrad.apply(self.log_tau)
+        return out
+
+    monkeypatch.setattr(S.SEAObjective, "forward", forward)
+    run = tmp_path / "nan_tau"
+    with pytest.raises(TrainingError, match=r"non-finite gradients \(sea\.log_tau\) at step 2 .*step_0000001"):
+        train(load_config(None, _overrides(world, run, ["train.max_steps=3", "train.save_every=1"])))
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_0000001"]
 
 
 def test_sea_needs_the_deterministic_transform(world, tmp_path):
@@ -392,6 +437,47 @@ def test_clip_labeller_is_eqs_4_to_6_on_the_backbone_grid(tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LabellerError, match="not found in the Hugging Face cache.*HF_HUB_OFFLINE"):
         CLIPLabeller("nobody/no-such-clip", words, grid=4)
+
+
+def test_label_precision_on_a_hand_built_case():
+    from sam_mllm.objectives.labellers import label_precision
+
+    # 1 image, 3 patches, 3 words; labels best first (-1 = none), oracle coverage > 0 = present.
+    ids = torch.tensor([[[0, 2], [1, -1], [-1, -1]]])
+    coverage = torch.tensor([[[0.7, 0.3, 0.0], [0.0, 0.0, 1.0], [0.0, 0.5, 0.5]]])
+    r = label_precision(ids, coverage, ks=(1, 2))
+    assert r["precision@1"] == pytest.approx(1 / 2)  # patch 0 right, patch 1 wrong, patch 2 unlabelled
+    assert r["precision@2"] == pytest.approx(1 / 3)  # 1 hit of 3 emitted labels
+    assert r["labelled"] == pytest.approx(2 / 3) and r["patches"] == 3
+    assert r["chance"] == pytest.approx((2 / 3 + 1 / 3 + 2 / 3) / 3)
+    assert r["ceiling@1"] == 1.0 and r["ceiling@2"] == pytest.approx((1 + 0.5 + 1) / 3)
+    only_second = label_precision(ids, coverage, ks=(1,), patches=torch.tensor([[False, True, False]]))
+    assert only_second["precision@1"] == 0.0 and only_second["patches"] == 1
+
+
+def test_committed_tiny_clip_loads_on_the_backbone_grid_and_beats_chance(world, monkeypatch):
+    """The committed asset through the config path (repo-relative, from any directory): its grid is
+    the tiny backbone's, labels have the cached layout, and its patch labels beat chance on fresh images."""
+    from sam_mllm.config import SEAConfig
+    from sam_mllm.objectives.labellers import build_labeller, measure_label_precision
+
+    vc = json.loads((REPO / "sam_mllm" / "assets" / "tiny_backbone" / "config.json").read_text())["vision_config"]
+    grid = vc["image_size"] // vc["patch_size"]
+    monkeypatch.chdir(world)  # configs name the asset repo-relative; it must resolve from anywhere
+    cfg = SEAConfig(labeller="clip", clip_model="sam_mllm/assets/tiny_clip", top_n=5, negate_similarity=False)
+    lab = build_labeller(cfg, grid)
+    files = sorted((world / "images").glob("*.png"))  # 16 images of 2-4 objects, seed 1: never trained on
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(REPO / "sam_mllm" / "assets" / "tiny_clip")
+    assert tok("red striped")["input_ids"][-1] == tok.eos_token_id == lab.model.config.text_config.eos_token_id != 2
+    out = lab(files[:2])
+    assert out.shape == (2, grid * grid, 5, 2)
+    ids, s_norm = out[..., 0], out[..., 1]
+    assert ((ids >= -1) & (ids < len(lab.words)) & (ids == ids.round())).all()
+    assert torch.allclose(s_norm.sum(-1)[ids[..., 0] >= 0], torch.ones(()), atol=1e-5) and (s_norm >= 0).all()
+    r = measure_label_precision(lab, OracleLabeller(grid, 5), files, ks=(1,))["all"]
+    assert r["precision@1"] > 3 * r["chance"], r  # a random CLIP scores about the chance level
 
 
 def test_recalled_words_reach_predictions_and_report(tmp_path, world):

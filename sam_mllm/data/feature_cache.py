@@ -35,6 +35,12 @@ def backbone_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def pixels_fingerprint(transform, image_mode: str = "released") -> str:
+    """Identifies the pixels an encoder sees: the transform's fingerprint and, unless it is the default
+    ``released``, the image mode (``data.image_mode``: other decoding, other pixels)."""
+    return transform.fingerprint if image_mode == "released" else f"{transform.fingerprint}-{image_mode}"
+
+
 def file_key(path: str | Path) -> str:
     st = os.stat(path)
     return f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}"

@@ -16,6 +16,9 @@ from transformers import PreTrainedTokenizerFast
 
 LLM_SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")  # LLaMA's ids 0, 1, 2 kept; pad appended
 QFORMER_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # pad id 0 as in BERT
+# CLIP's text model pools at the first end-of-text token; an eos id of 2 would select transformers'
+# legacy rule (pool at the largest token id), so end-of-text is id 3 here.
+CLIP_SPECIALS = ("<pad>", "<unk>", "<|startoftext|>", "<|endoftext|>")
 
 
 def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
@@ -58,6 +61,23 @@ def build_word_tokenizers(words: Iterable[str]) -> tuple[PreTrainedTokenizerFast
         mask_token="[MASK]", clean_up_tokenization_spaces=True,
     )
     return llm_tok, qf_tok
+
+
+def build_clip_word_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer for a CLIP text tower: ``<|startoftext|> words <|endoftext|>``.
+
+    Save it next to a ``CLIPModel`` whose ``text_config.eos_token_id`` is ``eos_token_id`` (3) and
+    ``AutoTokenizer.from_pretrained(folder)`` returns it.
+    """
+    tok = _word_level(words, CLIP_SPECIALS, "<unk>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", pair="<|startoftext|> $A $B <|endoftext|>",
+        special_tokens=[("<|startoftext|>", 2), ("<|endoftext|>", 3)],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+        pad_token="<pad>", clean_up_tokenization_spaces=True,
+    )
 
 
 def default_words() -> list[str]:

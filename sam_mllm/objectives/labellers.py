@@ -3,7 +3,7 @@
 A labeller maps image files to a tensor [n_images, P-1, top_n, 2] holding, per patch (row-major,
 CLS excluded) and rank, the word's index in ``labeller.words`` (-1 = no label) and its normalised
 score (Eq. 7). The result is cached on disk with the feature cache's machinery, in a folder keyed by
-the labeller's fingerprint and the image transform's (``build_label_cache``).
+the labeller's fingerprint, the image transform's and the image mode (``build_label_cache``).
 
 - ``oracle``: the synthetic world's ground truth. The generator writes every image's context and
   object placements (``scenes.json``); the objects are re-rendered with the generator's own sprite
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sam_mllm.data.feature_cache import FeatureCache
+from sam_mllm.data.feature_cache import FeatureCache, pixels_fingerprint
 from sam_mllm.data.processing import ImageTransform, load_image
 from sam_mllm.objectives.sea import normalize_scores, patch_labels
 
@@ -65,8 +65,9 @@ def _pack(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 class OracleLabeller:
     """Exact patch labels of synthetic-world images from the generator's recorded scenes."""
 
-    def __init__(self, grid: int, top_n: int = 10) -> None:
+    def __init__(self, grid: int, top_n: int = 10, image_mode: str = "released") -> None:
         self.grid, self.top_n = grid, top_n
+        self.image_mode = image_mode  # reads no pixels, but the cache is keyed by it like every labeller
         self.words = world_label_words()
         self.index = {w: i for i, w in enumerate(self.words)}
         self.fingerprint = f"oracle-v1-g{grid}-n{top_n}"
@@ -127,7 +128,7 @@ class CLIPLabeller:
     (CLIP's joint space) against the projected text features of each word, top-n by ``±cos``."""
 
     def __init__(self, name_or_path: str, words: Sequence[str], grid: int, top_n: int = 10, negate: bool = True,
-                 device: torch.device | str = "cpu", batch_size: int = 256) -> None:
+                 device: torch.device | str = "cpu", batch_size: int = 256, image_mode: str = "released") -> None:
         from transformers import AutoTokenizer, CLIPModel
 
         path = _locate_clip(name_or_path)
@@ -139,6 +140,7 @@ class CLIPLabeller:
                 f"{vc.image_size // vc.patch_size} ({vc.image_size} px / {vc.patch_size}), the backbone's is "
                 f"{grid}x{grid}: patch labels would not line up with the backbone's patches")
         self.words, self.top_n, self.negate, self.device = list(words), top_n, negate, device
+        self.image_mode = image_mode  # data.image_mode: how the image files are decoded
         self.transform = ImageTransform(vc.image_size)  # the library's transform, not CLIPProcessor's crop
         tokenizer = AutoTokenizer.from_pretrained(path)
         with torch.no_grad():
@@ -162,7 +164,7 @@ class CLIPLabeller:
         return self.model.visual_projection(vm.post_layernorm(tokens))
 
     def __call__(self, files: Sequence[str | Path]) -> torch.Tensor:
-        pixels = torch.stack([self.transform(load_image(f)) for f in files])
+        pixels = torch.stack([self.transform(load_image(f, mode=self.image_mode)) for f in files])
         ids, scores = patch_labels(self.patch_embeds(pixels), self.word_embeds, self.top_n, self.negate)
         return _pack(ids, scores).cpu()
 
@@ -174,19 +176,21 @@ def _locate_clip(name_or_path: str) -> Path:
                           alternatives="; on the synthetic world, sea.labeller=oracle needs no download")
 
 
-def build_labeller(sea_cfg, grid: int, device: torch.device | str = "cpu"):
-    """The labeller ``sea_cfg`` (a SEAConfig) names, for a backbone of ``grid x grid`` patches."""
+def build_labeller(sea_cfg, grid: int, device: torch.device | str = "cpu", image_mode: str = "released"):
+    """The labeller ``sea_cfg`` (a SEAConfig) names, for a backbone of ``grid x grid`` patches, reading
+    images as ``image_mode`` (``data.image_mode``) says."""
     if sea_cfg.labeller == "oracle":
-        return OracleLabeller(grid, sea_cfg.top_n)
+        return OracleLabeller(grid, sea_cfg.top_n, image_mode)
     if sea_cfg.labeller == "clip":
         words = read_word_list(sea_cfg.word_list) if sea_cfg.word_list else world_label_words()
-        return CLIPLabeller(sea_cfg.clip_model, words, grid, sea_cfg.top_n, sea_cfg.negate_similarity, device)
+        return CLIPLabeller(sea_cfg.clip_model, words, grid, sea_cfg.top_n, sea_cfg.negate_similarity, device,
+                            image_mode=image_mode)
     raise LabellerError(f"sea.labeller={sea_cfg.labeller!r} is not one of {', '.join(LABELLERS)}")
 
 
 def label_cache(root: str | Path, labeller, transform: ImageTransform) -> FeatureCache:
-    """The on-disk cache of one (labeller, transform) pair: the feature cache's format and keys."""
-    return FeatureCache(root, labeller.fingerprint, transform.fingerprint)
+    """The on-disk cache of one (labeller, transform, image mode): the feature cache's format and keys."""
+    return FeatureCache(root, labeller.fingerprint, pixels_fingerprint(transform, labeller.image_mode))
 
 
 def build_label_cache(root: str | Path, labeller, transform: ImageTransform, files: Sequence[str | Path],
@@ -195,6 +199,54 @@ def build_label_cache(root: str | Path, labeller, transform: ImageTransform, fil
     cache = label_cache(root, labeller, transform)
     added = cache.build(list(files), lambda chunk: labeller(chunk), batch_size=batch_size, desc="label cache")
     return label_cache(root, labeller, transform), added
+
+
+def label_precision(ids: torch.Tensor, coverage: torch.Tensor, ks: Sequence[int] = (1, 10),
+                    patches: torch.Tensor | None = None) -> dict[str, float]:
+    """How often a labeller's patch labels are words the oracle has on that patch.
+
+    ``ids`` [N, P, n]: each patch's label word ids, best first (-1 = no label, as the cached layout);
+    ``coverage`` [N, P, V]: the oracle's visible area of each word on each patch (> 0 = present).
+    ``precision@k``: of the labels among each patch's first k, the share the oracle has on the patch
+    (pooled over all patches); ``labelled``: share of patches with at least one label; ``chance``: the
+    precision of a word drawn uniformly from the V words (mean over patches of |present| / V);
+    ``ceiling@k``: the best possible precision@k when every patch gets k labels (min(|present|, k) / k).
+    ``patches`` [N, P] bool: count only these patches.
+    """
+    if ids.shape[:2] != coverage.shape[:2]:
+        raise ValueError(f"label_precision: labels for {tuple(ids.shape[:2])} (images, patches), "
+                         f"oracle coverage for {tuple(coverage.shape[:2])}")
+    if patches is not None:
+        ids, coverage = ids[patches], coverage[patches]  # [M, n], [M, V]: the same sums over fewer patches
+    present = coverage > 0
+    n_present = present.sum(-1).double()
+    out: dict[str, float] = {"patches": int(present.shape[:-1].numel()),
+                             "labelled": float((ids[..., 0] >= 0).double().mean()),
+                             "chance": float((n_present / coverage.shape[-1]).mean())}
+    for k in ks:
+        top = ids[..., :k].long()
+        valid = top >= 0
+        hit = present.gather(-1, top.clamp_min(0)) & valid
+        out[f"precision@{k}"] = float(hit.sum() / valid.sum()) if valid.any() else float("nan")
+        out[f"ceiling@{k}"] = float((n_present.clamp(max=k) / k).mean())
+    return out
+
+
+def measure_label_precision(labeller, oracle: OracleLabeller, files: Sequence[str | Path],
+                            ks: Sequence[int] = (1, 10), batch_size: int = 32) -> dict[str, dict[str, float]]:
+    """:func:`label_precision` of ``labeller`` against ``oracle`` on synthetic-world images ``files``:
+    over ``all`` patches, and over ``object`` patches (more object than background: where a labeller
+    that only recognised the scene's context would fail)."""
+    if list(labeller.words) != list(oracle.words):
+        raise LabellerError("label precision: the labeller's word list is not the oracle's (the synthetic world's "
+                            f"{len(oracle.words)} words); set sea.word_list=null")
+    files = list(files)
+    ids = torch.cat([labeller(files[i:i + batch_size])[..., 0].long() for i in range(0, len(files), batch_size)])
+    coverage = torch.stack([torch.from_numpy(oracle.coverage(f)) for f in files])
+    from sam_mllm.data.synthetic import CONTEXTS
+
+    background = coverage[..., [oracle.index[c] for c in CONTEXTS]].sum(-1)
+    return {"all": label_precision(ids, coverage, ks), "object": label_precision(ids, coverage, ks, background < 0.5)}
 
 
 def patch_grid(model) -> int:
