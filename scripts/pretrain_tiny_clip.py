@@ -79,11 +79,13 @@ def draw_texts(batch: list[tuple[str, list[str], list[str]]], rng: np.random.Gen
     for caption, names, words in batch:
         u = rng.random()
         if u < 0.5:
-            texts.append(caption), kinds.append("caption")
+            kind, text = "caption", caption
         elif u < 0.75:
-            texts.append(names[rng.integers(len(names))]), kinds.append("object")
+            kind, text = "object", names[rng.integers(len(names))]
         else:
-            texts.append(words[rng.integers(len(words))]), kinds.append("word")
+            kind, text = "word", words[rng.integers(len(words))]
+        texts.append(text)
+        kinds.append(kind)
     match = torch.zeros(len(batch), len(batch), dtype=torch.bool)  # [text, image]
     for t, (text, kind) in enumerate(zip(texts, kinds)):
         for j, (caption, names, words) in enumerate(batch):
