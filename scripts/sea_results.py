@@ -3,7 +3,8 @@ SEA's exact setting (MLP projector), with the recalled-word accuracy of SEA's Fi
 
     python scripts/sea_results.py [--seeds 0 1 2] [--rows ...] [--out runs/sea_results] [key=value ...]
 
-Per seed: a fresh synthetic world (generator seed = run seed), oracle patch labels, then each row
+Per seed: a fresh synthetic world (generator seed = run seed), oracle patch labels (one row: the
+tiny CLIP's, sam_mllm/assets/tiny_clip), then each row
 trained on its MmLINK split (configs/demo/sea*.yaml; the λ = 0 rows train with SEA computed and
 logged but weighted 0, which is bit-identical to training without it) and evaluated on the
 held-out MmLINK pairs and group captioning. Recalled-word accuracy: on the held-out MmLINK images,
@@ -29,6 +30,7 @@ ROWS = {
     "SEA λ=0.5": ("demo/sea", ["sea.weight=0.5"]),
     "SEA λ=1": ("demo/sea", ["sea.weight=1"]),
     "SEA λ=2": ("demo/sea", ["sea.weight=2"]),
+    "SEA λ=1, tiny-CLIP labels": ("demo/sea_clip", ["sea.weight=1"]),
     "SAM (λ=0)": ("demo/sam_sea", ["sea.weight=0"]),
     "SAM+SEA λ=1": ("demo/sam_sea", ["sea.weight=1"]),
     "MLP (λ=0)": ("demo/sea_mlp", ["sea.weight=0"]),
@@ -84,7 +86,8 @@ def main() -> None:
         ensure_data(base / "data", seed)
         for row in args.rows:
             config, extra = ROWS[row]
-            slug = row.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("=", "").replace("+", "p")
+            slug = (row.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("=", "").replace("+", "p")
+                    .replace(",", ""))
             over = [f"sea.label_cache={base / 'label_cache'}", *EVAL, *extra, *args.overrides]
             cfg, metrics = run_variant(config, base / slug, seed, over)
             cached = base / slug / "recall.json"
