@@ -14,21 +14,12 @@ object patches (more object than background), with the chance level and the best
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-from sam_mllm.models.backbone import REPO_ROOT
-from sam_mllm.objectives.labellers import (
-    CLIPLabeller,
-    LabellerError,
-    OracleLabeller,
-    measure_label_precision,
-    world_label_words,
-)
-
-BACKBONE = REPO_ROOT / "sam_mllm" / "assets" / "tiny_backbone"
+from sam_mllm.models.backbone import TINY_BACKBONE
+from sam_mllm.objectives.labellers import LabellerError, precision_table, saved_patch_grid, world_label_words
 
 
 def held_out_split(dataset: str, seed: int, images: int, root: Path) -> Path:
@@ -53,28 +44,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--top-n", type=int, default=10)
     args = p.parse_args(argv)
     start = time.monotonic()
-    vc = json.loads((BACKBONE / "config.json").read_text())["vision_config"]
-    grid = vc["image_size"] // vc["patch_size"]  # the backbone's patch grid; the CLIP must match it
+    grid = saved_patch_grid(TINY_BACKBONE)  # the backbone's patch grid; the CLIP must match it
     split = Path(args.split) if args.split else held_out_split(args.dataset, args.seed, args.images,
                                                                       Path(args.data))
     files = sorted((split / "images").glob("*.png"))[: args.images]
     if not files:
         sys.exit(f"error: no images in {split / 'images'}")
-    oracle = OracleLabeller(grid, args.top_n)
     try:
-        rows = {negate: measure_label_precision(CLIPLabeller(args.clip, world_label_words(), grid, args.top_n, negate),
-                                                oracle, files, ks=(1, args.top_n))
-                for negate in (True, False)}
+        table = precision_table(args.clip, files, grid, args.top_n)
     except LabellerError as exc:
         sys.exit(f"error: {exc}")
-    n = args.top_n
-    print(f"{args.clip} on {len(files)} images of {split} ({grid}x{grid} patches, {len(oracle.words)} words)")
-    print(f"| patches | similarity | labelled | precision@1 | precision@{n} | chance | best@{n} |")
-    print("|---|---|---|---|---|---|---|")
-    for negate, parts in rows.items():
-        for part, r in parts.items():
-            print(f"| {part} ({r['patches']}) | {'-cos (paper)' if negate else '+cos'} | {r['labelled']:.3f} | "
-                  f"{r['precision@1']:.3f} | {r[f'precision@{n}']:.3f} | {r['chance']:.3f} | {r[f'ceiling@{n}']:.3f} |")
+    print(f"{args.clip} on {len(files)} images of {split} ({grid}x{grid} patches, {len(world_label_words())} words)")
+    print(table)
     print(f"measured in {time.monotonic() - start:.1f} s")
 
 

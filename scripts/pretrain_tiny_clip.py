@@ -33,10 +33,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sam_mllm.data.synthetic import CONTEXTS, SCENES_FILE, generate, object_name, vocabulary
-from sam_mllm.models.backbone import REPO_ROOT
+from sam_mllm.models.backbone import TINY_BACKBONE
 from sam_mllm.models.tokenizers import build_clip_word_tokenizer
-
-BACKBONE = REPO_ROOT / "sam_mllm" / "assets" / "tiny_backbone"
 
 
 def ensure_world(data: Path, seed: int, n_train: int, n_test: int) -> Path:
@@ -135,7 +133,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    backbone = json.loads((BACKBONE / "config.json").read_text())["vision_config"]
+    backbone = json.loads((TINY_BACKBONE / "config.json").read_text())["vision_config"]
     image_size, patch_size = backbone["image_size"], backbone["patch_size"]
     world = ensure_world(Path(args.data), args.seed, args.train_images, args.test_images)
     pixels, scenes = load_split(world / "train", image_size)
@@ -176,22 +174,11 @@ def main() -> None:
     print(f"saved {out} ({size / 2**20:.2f} MiB, {sum(p.numel() for p in model.parameters())} parameters); "
           f"data + training took {train_s:.0f} s")
 
-    from sam_mllm.objectives.labellers import (
-        CLIPLabeller,
-        OracleLabeller,
-        measure_label_precision,
-        world_label_words,
-    )
+    from sam_mllm.objectives.labellers import precision_table
 
-    grid = image_size // patch_size
     files = sorted((world / "test" / "images").glob("*.png"))
-    oracle = OracleLabeller(grid, top_n=10)
-    for negate in (True, False):
-        labeller = CLIPLabeller(str(out), world_label_words(), grid, top_n=10, negate=negate)
-        result = measure_label_precision(labeller, oracle, files)
-        for part, r in result.items():
-            print(f"held-out pretrain/test ({len(files)} images), negate={negate}, {part} patches: "
-                  + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+    print(f"patch-label precision on held-out pretrain/test ({len(files)} images):")
+    print(precision_table(out, files, image_size // patch_size))
     print(f"total {time.monotonic() - start:.0f} s")
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +107,12 @@ def write_dataset(root, n: int = 8, seed: int = 0, image_size: int = 32, max_ima
                         "output": f"a {name} square ."})
     (root / "annotations.json").write_text(json.dumps(samples, indent=1))
     return samples
+
+
+def train_overrides(data: Path, out: Path, extra: list[str] = (), *, warmup: int = 2, batch: int = 4,
+                    save_every: int = 3) -> list[str]:
+    """Overrides of a tiny-model training run on the dataset ``write_dataset`` wrote at ``data``."""
+    return ["model.dims=tiny", f"data_root={data.parent}", f"output_dir={out}",
+            f"train.datasets=[{{name: tiny, task: group_captioning, path: {data.name}}}]",
+            "train.lr=1e-3", f"train.warmup_steps={warmup}", f"train.global_batch_size={batch}",
+            "train.micro_batch_size=2", "train.log_every=1", f"train.save_every={save_every}", *extra]

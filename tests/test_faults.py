@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_dataset
+from conftest import train_overrides, write_dataset
 from safetensors.torch import load_file
 
 from sam_mllm.config import load_config
@@ -37,10 +37,7 @@ class _RunsCode:
 
 
 def _train_overrides(data: Path, out: Path, extra: list[str] = ()) -> list[str]:
-    return ["model.dims=tiny", f"data_root={data.parent}", f"output_dir={out}",
-            f"train.datasets=[{{name: tiny, task: group_captioning, path: {data.name}}}]",
-            "train.lr=1e-3", "train.warmup_steps=1", "train.global_batch_size=2", "train.micro_batch_size=2",
-            "train.log_every=1", "train.save_every=1", *extra]
+    return train_overrides(data, out, extra, warmup=1, batch=2, save_every=1)
 
 
 @pytest.fixture(scope="module")

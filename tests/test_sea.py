@@ -4,7 +4,6 @@ gradients, λ = 0, padded images, seeded labels, the oracle labeller, and traini
 from __future__ import annotations
 
 import copy
-import json
 import math
 import subprocess
 import sys
@@ -459,10 +458,10 @@ def test_committed_tiny_clip_loads_on_the_backbone_grid_and_beats_chance(world, 
     """The committed asset through the config path (repo-relative, from any directory): its grid is
     the tiny backbone's, labels have the cached layout, and its patch labels beat chance on fresh images."""
     from sam_mllm.config import SEAConfig
-    from sam_mllm.objectives.labellers import build_labeller, measure_label_precision
+    from sam_mllm.models.backbone import TINY_BACKBONE
+    from sam_mllm.objectives.labellers import build_labeller, measure_label_precision, saved_patch_grid
 
-    vc = json.loads((REPO / "sam_mllm" / "assets" / "tiny_backbone" / "config.json").read_text())["vision_config"]
-    grid = vc["image_size"] // vc["patch_size"]
+    grid = saved_patch_grid(TINY_BACKBONE)
     monkeypatch.chdir(world)  # configs name the asset repo-relative; it must resolve from anywhere
     cfg = SEAConfig(labeller="clip", clip_model="sam_mllm/assets/tiny_clip", top_n=5, negate_similarity=False)
     lab = build_labeller(cfg, grid)

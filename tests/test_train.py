@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_dataset
+from conftest import train_overrides, write_dataset
 from safetensors.torch import load_file
 
 from sam_mllm.config import ConfigError, load_config
@@ -22,13 +22,6 @@ from sam_mllm.train import latest_checkpoint, train
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _overrides(data: Path, out: Path, extra: list[str] = ()) -> list[str]:
-    return ["model.dims=tiny", f"data_root={data.parent}", f"output_dir={out}",
-            f"train.datasets=[{{name: tiny, task: group_captioning, path: {data.name}}}]",
-            "train.lr=1e-3", "train.warmup_steps=2", "train.global_batch_size=4", "train.micro_batch_size=2",
-            "train.log_every=1", "train.save_every=3", *extra]
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("train") / "tiny"
@@ -37,7 +30,7 @@ def data(tmp_path_factory):
 
 
 def test_loss_goes_down_and_frozen_weights_do_not_move(data, tmp_path):
-    cfg = load_config(None, _overrides(data, tmp_path / "run", ["train.max_steps=30"]))
+    cfg = load_config(None, train_overrides(data, tmp_path / "run", ["train.max_steps=30"]))
     torch.manual_seed(cfg.seed)
     before = build_model(cfg.model).state_dict()
     final = train(cfg)
@@ -46,7 +39,7 @@ def test_loss_goes_down_and_frozen_weights_do_not_move(data, tmp_path):
     first, last = sum(r["loss"] for r in log[:3]) / 3, sum(r["loss"] for r in log[-3:]) / 3
     assert last < first - 0.2, (first, last)  # a random frozen LLM: only a little to gain
     torch.manual_seed(cfg.seed)
-    after = build_model(load_config(None, _overrides(data, tmp_path / "run", [f"model.checkpoint={final}"])).model)
+    after = build_model(load_config(None, train_overrides(data, tmp_path / "run", [f"model.checkpoint={final}"])).model)
     trained = set(load_file(str(final / "adapter.safetensors")))
     assert trained == {"patch_weight.weight", "patch_weight.bias", "w_in.weight", "w_in.bias", "w_out.weight",
                        "w_out.bias", "language_projection.weight", "language_projection.bias"}
@@ -60,11 +53,11 @@ def test_loss_goes_down_and_frozen_weights_do_not_move(data, tmp_path):
 
 def test_sigkill_and_resume_is_bit_identical(data, tmp_path):
     steps = ["train.max_steps=24", "train.save_every=2"]
-    clean = subprocess.run([sys.executable, "-m", "sam_mllm.train", *_overrides(data, tmp_path / "clean", steps)],
+    clean = subprocess.run([sys.executable, "-m", "sam_mllm.train", *train_overrides(data, tmp_path / "clean", steps)],
                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert clean.returncode == 0, clean.stderr[-2000:]
     run = tmp_path / "killed"
-    args = [sys.executable, "-m", "sam_mllm.train", *_overrides(data, run, [*steps, "train.resume=latest"])]
+    args = [sys.executable, "-m", "sam_mllm.train", *train_overrides(data, run, [*steps, "train.resume=latest"])]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:
@@ -89,9 +82,9 @@ def test_sigkill_and_resume_is_bit_identical(data, tmp_path):
 
 def test_feature_cache_gives_the_pixel_trajectory_and_is_reused(data, tmp_path):
     base = ["train.max_steps=6", "train.augment=none"]
-    train(load_config(None, _overrides(data, tmp_path / "pixels", base)))
+    train(load_config(None, train_overrides(data, tmp_path / "pixels", base)))
     cache = tmp_path / "cache"
-    train(load_config(None, _overrides(data, tmp_path / "cached", [*base, f"train.feature_cache={cache}"])))
+    train(load_config(None, train_overrides(data, tmp_path / "cached", [*base, f"train.feature_cache={cache}"])))
     lp = [r["loss"] for r in read_jsonl(tmp_path / "pixels" / "log.jsonl") if "loss" in r]
     lc = [r["loss"] for r in read_jsonl(tmp_path / "cached" / "log.jsonl") if "loss" in r]
     assert len(lp) == len(lc) == 6
@@ -99,12 +92,12 @@ def test_feature_cache_gives_the_pixel_trajectory_and_is_reused(data, tmp_path):
     shards = sorted(cache.rglob("*.npy"))
     assert len(shards) == 1
     stamp = shards[0].stat().st_mtime_ns
-    train(load_config(None, _overrides(data, tmp_path / "again", [*base, f"train.feature_cache={cache}"])))
+    train(load_config(None, train_overrides(data, tmp_path / "again", [*base, f"train.feature_cache={cache}"])))
     assert sorted(cache.rglob("*.npy")) == shards and shards[0].stat().st_mtime_ns == stamp
 
 
 def test_feature_cache_refuses_random_augmentation(data, tmp_path):
-    cfg = load_config(None, _overrides(data, tmp_path / "x", ["train.max_steps=1",
+    cfg = load_config(None, train_overrides(data, tmp_path / "x", ["train.max_steps=1",
                                                                f"train.feature_cache={tmp_path / 'c'}"]))
     with pytest.raises(ConfigError, match="train.augment=none"):
         train(cfg)
@@ -115,14 +108,14 @@ def test_two_processes_train_identically_and_only_main_writes(data, tmp_path):
     # `--cpu --num_processes 2` starts ONE process in accelerate 1.x (it needs MPI for more);
     # `--multi_gpu` goes through torchrun, and without CUDA our Accelerator uses gloo on the CPU.
     proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "-m", "sam_mllm.train", *_overrides(data, run, ["train.max_steps=4"])],
+                           "-m", "sam_mllm.train", *train_overrides(data, run, ["train.max_steps=4"])],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = read_jsonl(run / "log.jsonl")
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]  # one writer
     assert log[-1]["replicas_identical"] is True
     single = tmp_path / "single"
-    assert subprocess.run([sys.executable, "-m", "sam_mllm.train", *_overrides(data, single, ["train.max_steps=4"])],
+    assert subprocess.run([sys.executable, "-m", "sam_mllm.train", *train_overrides(data, single, ["train.max_steps=4"])],
                           cwd=REPO, capture_output=True, timeout=600).returncode == 0
     a = load_file(str(run / "final" / "adapter.safetensors"))
     b = load_file(str(single / "final" / "adapter.safetensors"))
@@ -130,7 +123,7 @@ def test_two_processes_train_identically_and_only_main_writes(data, tmp_path):
 
 
 def test_trained_checkpoint_loads_in_evaluate_and_notebook(data, tmp_path):
-    final = train(load_config(None, _overrides(data, tmp_path / "run", ["train.max_steps=2"])))
+    final = train(load_config(None, train_overrides(data, tmp_path / "run", ["train.max_steps=2"])))
     import sam_mllm
 
     pipe = sam_mllm.load_model(checkpoint=final, overrides=["generation.max_new_tokens=4", "generation.num_beams=1"])
@@ -163,7 +156,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(data, tmp_path, mon
         return out
 
     monkeypatch.setattr(SAMModel, "forward", forward)
-    cfg = load_config(None, _overrides(data, tmp_path / "nan", ["train.max_steps=8", "train.save_every=2"]))
+    cfg = load_config(None, train_overrides(data, tmp_path / "nan", ["train.max_steps=8", "train.save_every=2"]))
     with pytest.raises(TrainingError, match=r"non-finite loss \(nan\) at step 5 .*last good checkpoint is .*step_0000004"):
         train(cfg)
     ckpt = latest_checkpoint(tmp_path / "nan")

@@ -26,6 +26,8 @@ from sam_mllm.config import ConfigError
 from sam_mllm.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The embedded default backbone (scripts/pretrain_tiny_backbone.py).
+TINY_BACKBONE = REPO_ROOT / "sam_mllm" / "assets" / "tiny_backbone"
 
 
 class BackboneNotFoundError(UserError, FileNotFoundError):

@@ -249,6 +249,27 @@ def measure_label_precision(labeller, oracle: OracleLabeller, files: Sequence[st
     return {"all": label_precision(ids, coverage, ks), "object": label_precision(ids, coverage, ks, background < 0.5)}
 
 
+def saved_patch_grid(folder: str | Path) -> int:
+    """The patch grid side of a saved backbone folder, read from its config.json (no weights loaded)."""
+    vc = json.loads((Path(folder) / "config.json").read_text())["vision_config"]
+    return vc["image_size"] // vc["patch_size"]
+
+
+def precision_table(clip: str | Path, files: Sequence[str | Path], grid: int, top_n: int = 10) -> str:
+    """:func:`measure_label_precision` of a CLIP labeller, with the paper's negated similarity and
+    without, over all and over object patches, as a Markdown table."""
+    oracle = OracleLabeller(grid, top_n)
+    lines = [f"| patches | similarity | labelled | precision@1 | precision@{top_n} | chance | best@{top_n} |",
+             "|---|---|---|---|---|---|---|"]
+    for negate in (True, False):
+        labeller = CLIPLabeller(str(clip), world_label_words(), grid, top_n, negate)
+        for part, r in measure_label_precision(labeller, oracle, files, ks=(1, top_n)).items():
+            lines.append(f"| {part} ({r['patches']}) | {'-cos (paper)' if negate else '+cos'} | {r['labelled']:.3f} | "
+                         f"{r['precision@1']:.3f} | {r[f'precision@{top_n}']:.3f} | {r['chance']:.3f} | "
+                         f"{r[f'ceiling@{top_n}']:.3f} |")
+    return "\n".join(lines)
+
+
 def patch_grid(model) -> int:
     """The backbone's patch grid side (224 px / 14 = 16 for EVA-ViT-g)."""
     vc = model.config.vision_config

@@ -12,9 +12,7 @@ import torch
 from PIL import Image
 
 from sam_mllm.data import synthetic
-from sam_mllm.models.backbone import REPO_ROOT
-
-TINY_BACKBONE = REPO_ROOT / "sam_mllm" / "assets" / "tiny_backbone"
+from sam_mllm.models.backbone import TINY_BACKBONE
 
 
 def clip_tokenizer(folder: Path):
